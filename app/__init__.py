@@ -1,0 +1,1 @@
+"""The device dashboard: FastAPI app, control page and the ``deeplens-dashboard`` command."""

@@ -1,0 +1,140 @@
+"""``deeplens-dashboard``: serve the dashboard (default), run headless, or build the Lambda zip.
+
+Every option has an env var (``DEEPLENS_<OPTION>``); a bad value exits with code 2 naming the
+option; a model or labels file that cannot load is refused at start naming the path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from inference.config import SettingError, Settings, add_arguments, from_args
+
+log = logging.getLogger("app")
+
+COMMANDS = ("serve", "infer", "package-lambda")
+EXIT_USAGE = 2
+EXIT_START = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="deeplens-dashboard",
+        description="Camera inference with a live dashboard, the DeepLens project-stream FIFO and "
+        "IoT results. With no command it serves the dashboard on 0.0.0.0:8080.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    serve = sub.add_parser("serve", help="run the loop and serve the dashboard (the default)")
+    add_arguments(serve, ("pipeline", "server", "outputs"))
+    infer = sub.add_parser(
+        "infer", help="run the loop headless and print one JSON line per frame",
+        description="Run the loop without a server; print one JSON line per frame: the seed's "
+        "{label: prob} payload and the full result.",
+    )
+    infer.add_argument("--frames", type=_positive_int, default=10,
+                       help="frames to process before exiting (default 10)")
+    add_arguments(infer, ("pipeline",))
+    package = sub.add_parser("package-lambda", help="build the Greengrass Lambda deployment zip")
+    package.add_argument("-o", "--output", required=True, help="zip file to write")
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _normalise_argv(argv: Sequence[str]) -> list[str]:
+    args = list(argv)
+    if not args or (args[0] not in COMMANDS and args[0] not in ("-h", "--help")):
+        args.insert(0, "serve")
+    return args
+
+
+def setup_logging(level: str = "info") -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(_normalise_argv(sys.argv[1:] if argv is None else argv))
+    if args.command == "package-lambda":
+        from app.package import build_lambda_zip
+
+        setup_logging()
+        return build_lambda_zip(args.output)
+    try:
+        settings = from_args(args)
+    except SettingError as exc:
+        parser.error(exc.message)  # exits with 2, as argparse does for its own errors
+    setup_logging(settings.log_level)
+    if args.command == "infer":
+        return run_infer(settings, args.frames, parser)
+    from app.server import serve
+
+    return serve(settings, parser)
+
+
+def check_start(settings: Settings, parser: argparse.ArgumentParser) -> None:
+    """Refuse at start what cannot work: unknown source, missing model or labels file."""
+    from inference.sources import SourceSpecError, default_source, make_source
+
+    try:
+        make_source(settings.source or default_source(), settings.source_fps,
+                    settings.slide_interval)
+    except SourceSpecError as exc:
+        parser.error(f"--source: {exc}")
+
+
+def run_infer(settings: Settings, frames: int, parser: argparse.ArgumentParser) -> int:
+    from inference.loop import InferenceLoop
+    from inference.types import ModelError, SourceError
+
+    check_start(settings, parser)
+    loop = InferenceLoop(settings)
+    try:
+        loop.prepare(strict=True)
+    except (ModelError, SourceError, ValueError) as exc:
+        log.error("%s", exc)
+        return EXIT_START
+    loop.start()
+    seen = 0
+    last_seq = 0
+    deadline_idle = 30.0
+    try:
+        while seen < frames:
+            item = loop.hub.wait_newer(last_seq, timeout=deadline_idle)
+            if item is None:
+                log.error("no frame for %.0f s; giving up", deadline_idle)
+                return EXIT_START
+            last_seq = item.seq
+            result = item.result
+            line: dict[str, Any] = {"payload": result.payload(), "result": result.to_json()}
+            sys.stdout.write(json.dumps(line) + "\n")
+            sys.stdout.flush()
+            seen += 1
+    except KeyboardInterrupt:
+        pass
+    finally:
+        loop.close()
+    return 0
+
+
+def _now() -> float:
+    return time.time()

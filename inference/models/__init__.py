@@ -1,0 +1,219 @@
+"""Models by name: the built-in ones, a user ONNX file, or a DeepLens artifact through awscam."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from inference.config import Settings
+from inference.types import Model, ModelError, ModelType
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "efficientnet-lite0"
+# The seed's cat/dog sample artifact, pre-optimized in the device's artifact folder.
+DEVICE_DEFAULT_MODEL = "/opt/awscam/artifacts/mxnet_resnet18-catsvsdogs_FP32_FUSED.xml"
+DEVICE_DEFAULT_LABELS = {0: "dog", 1: "cat"}
+
+# ImageNet ids of the seed's two classes: all the dog breeds and the domestic cats.
+IMAGENET_DOGS = range(151, 269)
+IMAGENET_CATS = range(281, 286)
+
+BUILTIN: dict[str, str] = {
+    "efficientnet-lite0": "ImageNet-1k classifier (EfficientNet-Lite0, 224x224)",
+    "catdog": "the seed's cat/dog classifier: EfficientNet-Lite0 with its dog and cat classes summed",
+    "centerface": "face detector (CenterFace), ssd results with {1: 'face'}",
+}
+ALIASES = {"face": "centerface", "efficientnet": "efficientnet-lite0", "cat-dog": "catdog"}
+
+
+def awscam_available() -> bool:
+    return importlib.util.find_spec("awscam") is not None
+
+
+def default_model() -> str:
+    return DEVICE_DEFAULT_MODEL if awscam_available() else DEFAULT_MODEL
+
+
+def known_model(name: str) -> bool:
+    """True when ``name`` could load: built in, or a path that exists, or an artifact on a device."""
+    name = ALIASES.get(name, name)
+    if name in BUILTIN:
+        return True
+    if Path(name).expanduser().exists():
+        return True
+    return awscam_available() and not name.endswith(".onnx")
+
+
+@functools.lru_cache(maxsize=1)
+def _efficientnet_graph() -> bytes:
+    # ~0.3 s to build; a model switch back and forth should not pay it twice.
+    from inference.models.efficientnet import build_efficientnet_lite0_onnx
+
+    return build_efficientnet_lite0_onnx()
+
+
+def _labels(settings: Settings, fallback: Mapping[int, str]) -> dict[int, str]:
+    from inference.models.labels import LabelsError, builtin_labels, load_labels
+
+    if not settings.labels:
+        return dict(fallback)
+    if settings.labels in ("imagenet", "voc"):
+        return builtin_labels(settings.labels)
+    try:
+        return load_labels(settings.labels)
+    except LabelsError as exc:
+        raise ModelError(str(exc)) from exc
+
+
+def load_model(settings: Settings) -> Model:
+    """Build the model ``settings.model`` names. Raises ModelError naming the path or name."""
+    from inference.models.labels import builtin_labels
+    from inference.models.onnx import OnnxModel
+    from inference.models.preprocess import Preprocess
+
+    name = settings.model or default_model()
+    name = ALIASES.get(name, name)
+    threads = settings.threads
+
+    pre: Any
+    if name in ("efficientnet-lite0", "catdog"):
+        w, h = settings.input_size or (224, 224)
+        pre = Preprocess(
+            w, h, color="rgb", scale=1 / 255, mean=(0.498,) * 3, std=(0.502,) * 3,
+            center_crop=0.875 if settings.center_crop is None else settings.center_crop,
+        )
+        if name == "catdog":
+            from inference.models import parse
+
+            def catdog(raw: dict[str, Any]) -> dict[str, Any]:
+                probs = next(iter(raw.values())).reshape(-1)
+                dog = float(probs[IMAGENET_DOGS.start : IMAGENET_DOGS.stop].sum())
+                cat = float(probs[IMAGENET_CATS.start : IMAGENET_CATS.stop].sum())
+                total = dog + cat or 1.0
+                # The seed's model is a two-way softmax: its two probabilities add up to 1.
+                return parse.classification(np.array([dog / total, cat / total], np.float32))
+
+            return OnnxModel(
+                "catdog", _efficientnet_graph(), "classification",
+                _labels(settings, {0: "dog", 1: "cat"}), pre, parser=catdog, threads=threads,
+            )
+        return OnnxModel(
+            "efficientnet-lite0", _efficientnet_graph(), "classification",
+            _labels(settings, builtin_labels("imagenet")), pre, threads=threads,
+        )
+
+    if name == "centerface":
+        from inference.models import centerface as cf
+
+        w, h = settings.input_size or (480, 288)
+        try:
+            graph = cf.load_centerface_onnx(w, h)
+        except ValueError as exc:
+            raise ModelError(f"--input-size: {exc}") from exc
+
+        def face_parser(raw: dict[str, Any]) -> dict[str, Any]:
+            return {"ssd": cf.decode_centerface(raw, w, h)}
+
+        pre = Preprocess(w, h, color="rgb", scale=1.0, center_crop=0.0)
+        return OnnxModel(
+            "centerface", graph, "ssd", _labels(settings, {cf.FACE_LABEL: "face"}), pre,
+            parser=face_parser, threads=threads,
+        )
+
+    path = Path(name).expanduser()
+    backend = settings.model_backend
+    if backend == "auto":
+        backend = "onnx" if path.suffix.lower() == ".onnx" else "awscam"
+    model_type = _model_type(settings, name)
+
+    if backend == "onnx":
+        if not path.is_file():
+            raise ModelError(f"model file not found: {path}")
+        pre = _user_preprocess(settings, None) if settings.input_size else None
+        labels = _labels(settings, {})
+        model = OnnxModel(path.stem, path, model_type, labels, pre, settings.input_size,
+                          threads=threads)
+        if pre is None and any(
+            v is not None for v in (settings.scale, settings.mean, settings.std, settings.center_crop)
+        ) or settings.color != "auto":
+            # Preprocessing options apply once the input size is known from the model.
+            model = OnnxModel(
+                path.stem, path, model_type, labels,
+                _user_preprocess(settings, (model.info.input_width, model.info.input_height),
+                                 model.preprocessing.layout),
+                threads=threads,
+            )
+        _check_label_count(model, labels, settings.labels)
+        return model
+
+    from inference.models.awscam import AwscamModel
+
+    if not awscam_available():
+        if not path.exists():
+            raise ModelError(f"model file not found: {path}")
+        raise ModelError(
+            f"--model {name}: DeepLens artifacts run only on the device (no awscam module here); "
+            "off the device give an .onnx file or a built-in model"
+        )
+    size = settings.input_size or (224, 224)
+    pre = _user_preprocess(settings, size, "hwc", device=True)
+    labels = _labels(settings, DEVICE_DEFAULT_LABELS if name == DEVICE_DEFAULT_MODEL else {})
+    return AwscamModel(
+        name, model_type, labels, pre, gpu=settings.device_gpu, runtime=settings.device_runtime,
+        platform=settings.mo_platform, aux_inputs=settings.mo_aux,
+    )
+
+
+def _model_type(settings: Settings, name: str) -> ModelType:
+    if settings.model_type:
+        return settings.model_type  # type: ignore[return-value]
+    if name == DEVICE_DEFAULT_MODEL:
+        return "classification"
+    raise ModelError(f"--model {name}: give --model-type classification|ssd|segmentation")
+
+
+def _user_preprocess(
+    settings: Settings, size: tuple[int, int] | None, layout: str = "nchw", device: bool = False
+) -> Any:
+    from inference.models.preprocess import Preprocess
+
+    w, h = size or settings.input_size or (224, 224)
+    default_scale = 1.0 if device else 1 / 255
+    color = settings.color if settings.color != "auto" else ("bgr" if device else "rgb")
+    scale = default_scale if settings.scale is None else settings.scale
+    plain = device and settings.scale is None and settings.mean is None and settings.std is None
+    return Preprocess(
+        w, h, color=color,  # type: ignore[arg-type]
+        scale=scale,
+        mean=settings.mean or (0.0, 0.0, 0.0),
+        std=settings.std or (1.0, 1.0, 1.0),
+        center_crop=settings.center_crop or 0.0,
+        layout=layout,  # type: ignore[arg-type]
+        # The device samples hand doInference the resized uint8 frame itself.
+        dtype="uint8" if plain else "float32",
+    )
+
+
+def _check_label_count(model: Any, labels: Mapping[int, str], path: str) -> None:
+    if not labels or model.info.type != "classification":
+        return
+    try:
+        probe = model.parse(model.infer(model.preprocess(np.zeros((64, 64, 3), np.uint8))))
+    except Exception as exc:  # a model that cannot run a blank frame is refused at start
+        raise ModelError(f"model {model.info.name} failed on a test frame: {exc}") from exc
+    classes = len(probe["classification"])
+    if classes != len(labels):
+        log.warning(
+            "labels file %s has %d names for %d classes: unnamed ids show as numbers",
+            path, len(labels), classes,
+        )
+
+
+ModelFactory = Callable[[Settings], Model]

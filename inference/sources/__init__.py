@@ -1,0 +1,84 @@
+"""Frame sources, chosen by one string: ``awscam``, ``demo``, ``synthetic``, a webcam index, a
+URL, a video file, an image file, a folder or a glob of images."""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+from pathlib import Path
+
+from inference.types import FrameSource
+
+IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
+NAMED_SOURCES = ("awscam", "demo", "synthetic")
+
+
+class SourceSpecError(ValueError):
+    """The ``--source`` value names nothing that can be opened."""
+
+
+def awscam_available() -> bool:
+    return importlib.util.find_spec("awscam") is not None
+
+
+def default_source() -> str:
+    return "awscam" if awscam_available() else "demo"
+
+
+def make_source(spec: str, fps: float | None = None, interval: float = 3.0) -> FrameSource:
+    """Build the source ``spec`` names; ``fps`` None keeps each kind's own pace, 0 is unpaced.
+
+    Raises SourceSpecError for a path that does not exist or a spec of no known kind, so the
+    CLI can refuse it at start.
+    """
+    spec = spec.strip()
+    if not spec:
+        raise SourceSpecError("empty source")
+    if spec == "awscam":
+        from inference.sources.awscam import AwscamSource
+
+        return AwscamSource(fps=fps)
+    if spec == "demo":
+        from inference.sources.video import demo_source
+
+        return demo_source(fps=fps)
+    if spec == "synthetic" or spec.startswith("synthetic:"):
+        from inference.sources.synthetic import SyntheticSource
+
+        return SyntheticSource.from_spec(spec, fps=fps)
+    if spec.isdigit():
+        from inference.sources.video import VideoSource
+
+        return VideoSource(int(spec), live=True, fps=fps)
+    if spec.lower().startswith(STREAM_SCHEMES):
+        from inference.sources.video import VideoSource
+
+        return VideoSource(spec, live=True, fps=fps)
+    if any(ch in spec for ch in "*?["):
+        from inference.sources.images import ImagesSource
+
+        files = sorted(glob.glob(os.path.expanduser(spec)))
+        if not files:
+            raise SourceSpecError(f"no file matches {spec!r}")
+        return ImagesSource(files, fps=fps, interval=interval, name=spec)
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        from inference.sources.images import ImagesSource
+
+        files = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        if not files:
+            raise SourceSpecError(f"folder {spec!r} holds no image ({', '.join(sorted(IMAGE_EXTS))})")
+        return ImagesSource(files, fps=fps, interval=interval, name=spec)
+    if not path.exists():
+        raise SourceSpecError(
+            f"{spec!r} is no file, folder, URL, webcam index or one of {', '.join(NAMED_SOURCES)}"
+        )
+    if path.suffix.lower() in IMAGE_EXTS:
+        from inference.sources.images import ImagesSource
+
+        return ImagesSource([str(path)], fps=fps, interval=interval, name=spec)
+    from inference.sources.video import VideoSource
+
+    return VideoSource(str(path), live=False, fps=fps)

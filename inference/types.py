@@ -1,0 +1,78 @@
+"""Value types and protocols shared by the pipeline, its sources, models and outputs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol, runtime_checkable
+
+import numpy.typing as npt
+
+ModelType = Literal["classification", "ssd", "segmentation"]
+MODEL_TYPES: tuple[ModelType, ...] = ("classification", "ssd", "segmentation")
+
+Image = npt.NDArray[Any]
+"""An H x W x 3 BGR uint8 frame, the layout of ``awscam.getLastFrame()``."""
+
+RawOutputs = dict[str, npt.NDArray[Any]]
+"""What ``Model.doInference`` returns: output-layer name -> array."""
+
+Parsed = dict[str, Any]
+"""What ``Model.parseResult`` returns: ``{model_type: [...]}``."""
+
+
+class SourceError(RuntimeError):
+    """A frame source cannot deliver frames (for now or for good)."""
+
+
+class ModelError(RuntimeError):
+    """A model cannot be loaded or cannot run."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    type: ModelType
+    input_width: int
+    input_height: int
+    backend: str
+    labels: Mapping[int, str] = field(default_factory=dict, repr=False, compare=False)
+
+    def label_name(self, label: int) -> str:
+        return self.labels.get(label, str(label))
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "type": self.type,
+            "input_size": [self.input_width, self.input_height],
+            "backend": self.backend,
+        }
+
+
+@runtime_checkable
+class FrameSource(Protocol):
+    """Hands out BGR frames. ``read`` returns the newest frame, or None when none is available."""
+
+    name: str
+
+    def open(self) -> None: ...
+
+    def read(self) -> Image | None: ...
+
+    def close(self) -> None: ...
+
+
+@runtime_checkable
+class Model(Protocol):
+    """The three stages of the device API: resize/preprocess, ``doInference``, ``parseResult``."""
+
+    info: ModelInfo
+
+    def preprocess(self, frame: Image) -> Any: ...
+
+    def infer(self, inputs: Any) -> RawOutputs: ...
+
+    def parse(self, raw: RawOutputs) -> Parsed: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FAKES = Path(__file__).resolve().parent / "fakes"
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_tool(name: str) -> str:
+    """The path of a system tool; in CI a missing tool fails the test, elsewhere it skips."""
+    path = shutil.which(name)
+    if path:
+        return path
+    if IN_CI:
+        pytest.fail(f"{name} is required in CI (.ci/run installs it) but is not on PATH")
+    pytest.skip(f"{name} not installed")
+    raise AssertionError("unreachable")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def fake_device(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """Put the fake awscam / mo / greengrasssdk modules first on the import path."""
+    monkeypatch.syspath_prepend(str(FAKES))
+    for name in ("awscam", "mo", "greengrasssdk"):
+        sys.modules.pop(name, None)
+    import awscam
+
+    awscam.reset()
+    yield FAKES
+    for name in ("awscam", "mo", "greengrasssdk"):
+        sys.modules.pop(name, None)
+
+
+@pytest.fixture(scope="session")
+def chelsea_bgr():  # type: ignore[no-untyped-def]
+    import cv2
+    import skimage.data
+
+    return cv2.cvtColor(skimage.data.chelsea(), cv2.COLOR_RGB2BGR)
+
+
+@pytest.fixture(scope="session")
+def astronaut_bgr():  # type: ignore[no-untyped-def]
+    import cv2
+    import skimage.data
+
+    return cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR)
+
+
+@pytest.fixture
+def image_file(tmp_path: Path, chelsea_bgr) -> Path:  # type: ignore[no-untyped-def]
+    import cv2
+
+    path = tmp_path / "chelsea.png"
+    cv2.imwrite(str(path), chelsea_bgr)
+    return path
