@@ -10,11 +10,11 @@ import argparse
 import json
 import logging
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
 from inference.config import SettingError, Settings, add_arguments, from_args
+from inference.loop import InferenceLoop
 
 log = logging.getLogger("app")
 
@@ -24,6 +24,10 @@ EXIT_START = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
+    return _build()[0]
+
+
+def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
     parser = argparse.ArgumentParser(
         prog="deeplens-dashboard",
         description="Camera inference with a live dashboard, the DeepLens project-stream FIFO and "
@@ -43,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(infer, ("pipeline",))
     package = sub.add_parser("package-lambda", help="build the Greengrass Lambda deployment zip")
     package.add_argument("-o", "--output", required=True, help="zip file to write")
-    return parser
+    return parser, {"serve": serve, "infer": infer, "package-lambda": package}
 
 
 def _positive_int(text: str) -> int:
@@ -72,8 +76,9 @@ def setup_logging(level: str = "info") -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(_normalise_argv(sys.argv[1:] if argv is None else argv))
+    top, commands = _build()
+    args = top.parse_args(_normalise_argv(sys.argv[1:] if argv is None else argv))
+    parser = commands[args.command]
     if args.command == "package-lambda":
         from app.package import build_lambda_zip
 
@@ -88,7 +93,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_infer(settings, args.frames, parser)
     from app.server import serve
 
-    return serve(settings, parser)
+    return int(serve(settings, parser))
 
 
 def check_start(settings: Settings, parser: argparse.ArgumentParser) -> None:
@@ -102,17 +107,22 @@ def check_start(settings: Settings, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--source: {exc}")
 
 
-def run_infer(settings: Settings, frames: int, parser: argparse.ArgumentParser) -> int:
-    from inference.loop import InferenceLoop
+def prepare(loop: InferenceLoop, parser: argparse.ArgumentParser) -> None:
+    """Load the model and build the source, or exit 2 naming the option and the path."""
     from inference.types import ModelError, SourceError
 
-    check_start(settings, parser)
-    loop = InferenceLoop(settings)
     try:
         loop.prepare(strict=True)
-    except (ModelError, SourceError, ValueError) as exc:
-        log.error("%s", exc)
-        return EXIT_START
+    except ModelError as exc:
+        parser.error(f"{exc.option}: {exc}")
+    except SourceError as exc:
+        parser.error(f"--source: {exc}")
+
+
+def run_infer(settings: Settings, frames: int, parser: argparse.ArgumentParser) -> int:
+    check_start(settings, parser)
+    loop = InferenceLoop(settings)
+    prepare(loop, parser)
     loop.start()
     seen = 0
     last_seq = 0
@@ -134,7 +144,3 @@ def run_infer(settings: Settings, frames: int, parser: argparse.ArgumentParser) 
     finally:
         loop.close()
     return 0
-
-
-def _now() -> float:
-    return time.time()

@@ -87,3 +87,13 @@ class Runtime:
         for output in self.outputs:
             output.apply(settings)
         return settings
+
+
+def build_runtime(settings: Settings) -> Runtime:
+    """The loop plus the outputs the settings ask for (FIFO, IoT)."""
+    from inference.outputs import build_outputs
+
+    runtime = Runtime(settings)
+    for output in build_outputs(settings, runtime.hub):
+        runtime.add_output(output)
+    return runtime

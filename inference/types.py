@@ -26,7 +26,11 @@ class SourceError(RuntimeError):
 
 
 class ModelError(RuntimeError):
-    """A model cannot be loaded or cannot run."""
+    """A model cannot be loaded or cannot run; ``option`` is the CLI option to blame."""
+
+    def __init__(self, message: str, option: str = "--model") -> None:
+        super().__init__(message)
+        self.option = option
 
 
 @dataclass(frozen=True)

@@ -69,7 +69,7 @@ def _labels(settings: Settings, fallback: Mapping[int, str]) -> dict[int, str]:
     try:
         return load_labels(settings.labels)
     except LabelsError as exc:
-        raise ModelError(str(exc)) from exc
+        raise ModelError(str(exc), option="--labels") from exc
 
 
 def load_model(settings: Settings) -> Model:
@@ -116,7 +116,7 @@ def load_model(settings: Settings) -> Model:
         try:
             graph = cf.load_centerface_onnx(w, h)
         except ValueError as exc:
-            raise ModelError(f"--input-size: {exc}") from exc
+            raise ModelError(str(exc), option="--input-size") from exc
 
         def face_parser(raw: dict[str, Any]) -> dict[str, Any]:
             return {"ssd": cf.decode_centerface(raw, w, h)}
@@ -131,11 +131,10 @@ def load_model(settings: Settings) -> Model:
     backend = settings.model_backend
     if backend == "auto":
         backend = "onnx" if path.suffix.lower() == ".onnx" else "awscam"
-    model_type = _model_type(settings, name)
-
     if backend == "onnx":
         if not path.is_file():
             raise ModelError(f"model file not found: {path}")
+        model_type = _model_type(settings, name)
         pre = _user_preprocess(settings, None) if settings.input_size else None
         labels = _labels(settings, {})
         model = OnnxModel(path.stem, path, model_type, labels, pre, settings.input_size,
@@ -162,6 +161,7 @@ def load_model(settings: Settings) -> Model:
             f"--model {name}: DeepLens artifacts run only on the device (no awscam module here); "
             "off the device give an .onnx file or a built-in model"
         )
+    model_type = _model_type(settings, name)
     size = settings.input_size or (224, 224)
     pre = _user_preprocess(settings, size, "hwc", device=True)
     labels = _labels(settings, DEVICE_DEFAULT_LABELS if name == DEVICE_DEFAULT_MODEL else {})
@@ -176,7 +176,9 @@ def _model_type(settings: Settings, name: str) -> ModelType:
         return settings.model_type  # type: ignore[return-value]
     if name == DEVICE_DEFAULT_MODEL:
         return "classification"
-    raise ModelError(f"--model {name}: give --model-type classification|ssd|segmentation")
+    raise ModelError(
+        f"{name}: give --model-type classification|ssd|segmentation", option="--model-type"
+    )
 
 
 def _user_preprocess(
