@@ -13,8 +13,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from inference.config import SettingError, Settings, add_arguments, from_args
-from inference.loop import InferenceLoop
+from inference.sources.awscam import preload_awscam
+
+preload_awscam()  # before any import of cv2 (the device's cv2 needs awscam loaded first)
+
+from inference.config import SettingError, Settings, add_arguments, from_args  # noqa: E402
+from inference.loop import InferenceLoop  # noqa: E402
 
 log = logging.getLogger("app")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import threading
 from types import ModuleType
@@ -11,6 +12,21 @@ from inference.sources.pacing import Pacer
 from inference.types import Image, SourceError
 
 log = logging.getLogger(__name__)
+
+
+def preload_awscam() -> bool:
+    """Import awscam before anything imports cv2: the device's cv2 build depends on it.
+
+    Call first thing in an entry point; this module imports nothing that pulls in cv2.
+    """
+    if importlib.util.find_spec("awscam") is None:
+        return False
+    try:
+        importlib.import_module("awscam")
+    except Exception:  # a broken device library must surface where the source opens
+        log.exception("importing awscam failed")
+        return False
+    return True
 
 
 def import_awscam() -> ModuleType:

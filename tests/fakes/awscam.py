@@ -11,6 +11,11 @@
 
 from __future__ import annotations
 
+import sys
+
+# On the device cv2 must come after awscam; tests read this to check our entry points.
+CV2_IMPORTED_BEFORE_AWSCAM = "cv2" in sys.modules
+
 import os
 import re
 import threading

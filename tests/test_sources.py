@@ -1,0 +1,143 @@
+"""Frame sources: every kind behind one ``--source`` string."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from inference.sources import SourceSpecError, make_source
+from inference.sources.images import ImagesSource
+from inference.sources.synthetic import SyntheticSource
+from inference.sources.video import VideoSource, demo_clip
+
+
+def test_synthetic_is_deterministic_and_numbered() -> None:
+    a = SyntheticSource(320, 180, fps=0)
+    b = make_source("synthetic:320x180@0")
+    a.open()
+    b.open()
+    frames_a = [a.read() for _ in range(3)]
+    frames_b = [b.read() for _ in range(3)]
+    for fa, fb in zip(frames_a, frames_b, strict=True):
+        assert fa is not None and fb is not None
+        assert fa.shape == (180, 320, 3) and fa.dtype == np.uint8
+        assert np.array_equal(fa, fb)
+    assert not np.array_equal(frames_a[0], frames_a[1])  # the pattern moves
+
+
+def test_demo_is_the_bundled_bikes_clip() -> None:
+    source = make_source("demo", fps=0)
+    assert isinstance(source, VideoSource)
+    assert demo_clip().name == "bikes.mp4"
+    source.open()
+    try:
+        frame = source.read()
+        assert frame is not None and frame.shape == (272, 640, 3)
+    finally:
+        source.close()
+
+
+def test_video_file_loops_at_the_end(tmp_path: Path) -> None:
+    path = tmp_path / "short.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (64, 48))
+    for i in range(5):
+        writer.write(np.full((48, 64, 3), i * 50, np.uint8))
+    writer.release()
+    source = make_source(str(path), fps=0)
+    source.open()
+    try:
+        means = [float(source.read().mean()) for _ in range(12)]  # type: ignore[union-attr]
+    finally:
+        source.close()
+    assert isinstance(source, VideoSource) and source.loops >= 2
+    assert means[0] == pytest.approx(means[5], abs=3)
+
+
+def test_video_file_is_paced_to_its_own_fps() -> None:
+    source = make_source("demo")  # bikes.mp4 is 25 fps
+    source.open()
+    stamps = []
+    try:
+        for _ in range(20):
+            assert source.read() is not None
+            stamps.append(time.monotonic())
+    finally:
+        source.close()
+    gaps = np.diff(stamps)
+    # Never faster than the clip (decode alone runs at hundreds of fps here).
+    assert statistics.median(gaps) > 0.034
+
+
+def test_live_source_hands_out_the_newest_frame() -> None:
+    # A synthetic pattern written to a file stands for the camera; live=True drops, never queues.
+    source = VideoSource(str(demo_clip()), live=True, fps=None)
+    source.open()
+    try:
+        first = source.read()
+        time.sleep(0.3)  # the grabber keeps decoding meanwhile
+        second = source.read()
+        assert first is not None and second is not None
+        assert source.frames_read >= 5  # many decoded, only the latest handed out
+    finally:
+        source.close()
+
+
+def test_images_folder_skips_non_images(tmp_path: Path, chelsea_bgr: np.ndarray, caplog) -> None:  # type: ignore[no-untyped-def]
+    cv2.imwrite(str(tmp_path / "a.png"), chelsea_bgr)
+    cv2.imwrite(str(tmp_path / "b.jpg"), np.zeros((20, 30, 3), np.uint8))
+    (tmp_path / "broken.jpg").write_bytes(b"not a jpeg")
+    (tmp_path / "notes.txt").write_text("ignored by extension")
+    source = make_source(str(tmp_path), fps=0)
+    assert isinstance(source, ImagesSource)
+    source.open()
+    shapes = [source.read().shape for _ in range(4)]  # type: ignore[union-attr]
+    assert shapes == [(300, 451, 3), (20, 30, 3), (300, 451, 3), (20, 30, 3)]
+    assert source.skipped == [str(tmp_path / "broken.jpg")]
+    assert "broken.jpg" in caplog.text
+
+
+def test_glob_and_single_image(tmp_path: Path, chelsea_bgr: np.ndarray) -> None:
+    for i in range(3):
+        cv2.imwrite(str(tmp_path / f"f{i}.png"), chelsea_bgr)
+    src = make_source(str(tmp_path / "f*.png"), fps=0)
+    assert isinstance(src, ImagesSource) and len(src.files) == 3
+    single = make_source(str(tmp_path / "f0.png"))
+    assert isinstance(single, ImagesSource) and single.fps == 5.0
+
+
+def test_slideshow_moves_on_after_the_interval(tmp_path: Path) -> None:
+    for i in range(2):
+        cv2.imwrite(str(tmp_path / f"{i}.png"), np.full((8, 8, 3), i * 200, np.uint8))
+    source = ImagesSource(sorted(str(p) for p in tmp_path.iterdir()), fps=50, interval=0.2)
+    source.open()
+    first = source.read()
+    assert first is not None and first.mean() == 0
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        frame = source.read()
+        if frame is not None and frame.mean() == 200:
+            break
+    else:
+        pytest.fail("the slideshow never moved on")
+
+
+@pytest.mark.parametrize("spec", ["/no/such/file.mp4", "/no/such/dir/*.jpg", "", "bogus-name"])
+def test_bad_source_specs_are_refused(spec: str) -> None:
+    with pytest.raises(SourceSpecError):
+        make_source(spec)
+
+
+def test_empty_folder_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(SourceSpecError, match="no image"):
+        make_source(str(tmp_path))
+
+
+def test_url_and_webcam_specs_pick_video_capture() -> None:
+    assert isinstance(make_source("rtsp://127.0.0.1:1/x"), VideoSource)
+    cam = make_source("0")
+    assert isinstance(cam, VideoSource) and cam.live and cam.target == 0
