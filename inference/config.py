@@ -303,8 +303,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("top_k", _int_range(1, 1000), "results kept per frame", live=True, metavar="K"),
     Option("threshold", _float_range(0.0, 1.0), "keep results with prob > threshold",
            live=True, metavar="P"),
-    Option("display_res", RES, "resolution of the annotated frame: 480p (858x480) | 720p | "
-           "1080p | native", live=True),
+    Option("display_res", RES, "size the annotated frame is drawn at, at most (smaller sources "
+           "keep their size): 480p (858x480) | 720p | 1080p | native", live=True),
     Option("overlay", parse_bool, "draw labels/boxes/masks and the fps line on the frame",
            live=True, metavar="on|off"),
     Option("jpeg_quality", _int_range(10, 100), "JPEG quality of the streams", live=True),

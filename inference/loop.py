@@ -331,6 +331,9 @@ class InferenceLoop:
             error = f"model not loaded: {self.stats.model_load_error or 'no model'}"
 
         dw, dh = target_size(w, h, settings.display_res)
+        if dw > w:
+            # Never upscale here: a viewer asking for more gets it from the hub's one encode.
+            dw, dh = w, h
         display = frame if (dw, dh) == (w, h) else cv2.resize(frame, (dw, dh))
         display_items = items if (dw, dh) == (w, h) else scale_items(items, dw / w, dh / h)
         now = time.monotonic()

@@ -57,7 +57,7 @@ def test_awscam_model_and_frames_classify_a_cat(
         loop.close()
     names = [i.name for i in item.result.items]
     assert names[0] in ("tiger cat", "Egyptian cat", "tabby, tabby cat")
-    assert item.image.shape == (480, 722, 3)  # the 451x300 photo fitted in 858x480
+    assert item.image.shape == (300, 451, 3)  # smaller than 480p: drawn at its own size
     assert awscam.calls["getLastFrame"] >= 3 and awscam.calls["parseResult"] >= 3
 
 

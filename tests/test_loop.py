@@ -120,7 +120,7 @@ def test_bikes_plays_through_the_loop_at_its_own_frame_rate(make_loop: Any) -> N
     assert 0.034 < statistics.median(gaps) < 0.08
     assert 12 < items[-1].result.fps <= 27
     assert items[-1].result.model is not None and items[-1].result.model.name == "efficientnet-lite0"
-    assert items[-1].image.shape == (544, 1280, 3)  # 640x272 shown at 720p, aspect kept
+    assert items[-1].image.shape == (272, 640, 3)  # drawn at its own size: never upscaled
 
 
 def test_results_and_frames_share_seq_and_settings_apply_live(make_loop: Any) -> None:
@@ -131,11 +131,12 @@ def test_results_and_frames_share_seq_and_settings_apply_live(make_loop: Any) ->
     assert item.seq == item.result.seq
     assert [i.name for i in item.result.items] == ["one", "zero"]
     loop.update({"top_k": 1, "threshold": 0.5, "display_res": "480p", "overlay": False})
+    # 320x180 is below 480p: kept as is. A bigger source is drawn at 480p (see below).
     time.sleep(0.05)
     later = collect(loop.hub, 3)[-1]
     assert [i.name for i in later.result.items] == ["one"]
     assert later.result.top_k == 1 and later.result.threshold == 0.5
-    assert later.image.shape == (480, 858, 3)
+    assert later.image.shape == (180, 320, 3)
     assert later.result.payload() == {"one": pytest.approx(0.7)}
 
 
@@ -255,3 +256,13 @@ def test_hub_encodes_lazily_and_once_per_resolution(make_loop: Any) -> None:
     assert a is b and a is not None and c is not None
     assert loop.hub.encodes["480p"] == 1 and loop.hub.encodes["native"] == 1
     assert (a.width, a.height) == (858, 480) and (c.width, c.height) == (320, 180)
+
+
+def test_large_frames_are_drawn_at_the_display_resolution(make_loop: Any) -> None:
+    loop = make_loop(source=SyntheticSource(1920, 1080, fps=100), model=ScriptedModel())
+    loop.update({"display_res": "480p"})
+    loop.start()
+    assert collect(loop.hub, 2)[-1].image.shape == (480, 858, 3)
+    loop.update({"display_res": "native"})
+    time.sleep(0.05)
+    assert collect(loop.hub, 2)[-1].image.shape == (1080, 1920, 3)

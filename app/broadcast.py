@@ -1,0 +1,277 @@
+"""Fan-out of the hub's frames and results to HTTP viewers, on the event loop.
+
+The hub's listener hands each new sequence number to the event loop (``call_soon_threadsafe``);
+viewers await an ``asyncio.Event`` for it, so a waiting viewer holds no thread. A frame is encoded
+at most once per resolution: the first viewer to want ``(seq, res)`` starts one encode in the
+encoder pool and every other viewer awaits the same future. With no viewer nothing is encoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from inference.hub import FrameHub, Published, target_size
+
+log = logging.getLogger(__name__)
+
+TICK = 0.25  # how late a waiter may notice a deadline or the shutdown
+ENCODER_THREADS = 2  # a few resolutions in flight at once; the hub serializes each resolution
+FPS_WINDOW = 2.0
+
+
+@dataclass(frozen=True)
+class SharedFrame:
+    """One encoded frame, and its ready-made multipart part, shared by every viewer."""
+
+    seq: int
+    timestamp: float
+    res: str
+    width: int
+    height: int
+    jpeg: bytes
+    part: bytes
+
+
+def make_part(seq: int, timestamp: float, jpeg: bytes) -> bytes:
+    head = (
+        "--frame\r\n"
+        "Content-Type: image/jpeg\r\n"
+        f"Content-Length: {len(jpeg)}\r\n"
+        f"X-Frame-Seq: {seq}\r\n"
+        f"X-Timestamp: {timestamp:.6f}\r\n"
+        "\r\n"
+    ).encode()
+    return head + jpeg + b"\r\n"
+
+
+def effective_res(item: Published, res: str) -> str:
+    """The cache key for ``res``: a request that would not shrink the frame shares 'native'.
+
+    Upscaling would only cost CPU and bandwidth, and two names for one size would encode twice.
+    """
+    if res == "native":
+        return res
+    h, w = item.image.shape[:2]
+    tw, th = target_size(w, h, res)
+    return "native" if tw >= w or th >= h else res
+
+
+class _Rate:
+    """Events per second over the last FPS_WINDOW seconds (or since the first event, if younger)."""
+
+    def __init__(self, maxlen: int = 1024) -> None:
+        self._times: collections.deque[float] = collections.deque(maxlen=maxlen)
+        self._first: float | None = None
+
+    def add(self, now: float) -> None:
+        if self._first is None:
+            self._first = now
+        self._times.append(now)
+
+    def per_second(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        if self._first is None:
+            return 0.0
+        span = min(FPS_WINDOW, now - self._first)
+        if span < 0.2:
+            return 0.0
+        recent = sum(1 for t in self._times if now - t <= span)
+        return recent / span
+
+
+@dataclass
+class Viewer:
+    id: int
+    client: str
+    res: str
+    fps_cap: float | None
+    kind: str = "mjpeg"
+    connected: float = field(default_factory=time.monotonic)
+    sent: int = 0
+    skipped: int = 0
+    resent: int = 0
+    last_seq: int = 0
+    _rate: _Rate = field(default_factory=_Rate, repr=False)
+
+    def record(self, seq: int, now: float) -> None:
+        if seq == self.last_seq:
+            self.resent += 1
+        elif self.last_seq and seq > self.last_seq + 1:
+            self.skipped += seq - self.last_seq - 1
+        self.last_seq = max(self.last_seq, seq)
+        self.sent += 1
+        self._rate.add(now)
+
+    @property
+    def fps(self) -> float:
+        return self._rate.per_second()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "client": self.client,
+            "kind": self.kind,
+            "res": self.res,
+            "fps_cap": self.fps_cap,
+            "fps": round(self.fps, 2),
+            "sent": self.sent,
+            "skipped": self.skipped,
+            "resent": self.resent,
+            "connected_s": round(time.monotonic() - self.connected, 1),
+        }
+
+
+class Broadcaster:
+    """Owned by the app's lifespan: ``attach()`` at start, ``close()`` then ``detach()`` at the end."""
+
+    def __init__(self, hub: FrameHub, loop: asyncio.AbstractEventLoop) -> None:
+        self.hub = hub
+        self._loop = loop
+        self._event = asyncio.Event()
+        self._closed = False
+        self._ticker: asyncio.Task[None] | None = None
+        self._frames: collections.OrderedDict[tuple[int, str], asyncio.Future[SharedFrame]] = (
+            collections.OrderedDict()
+        )
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            ENCODER_THREADS, thread_name_prefix="jpeg-encode"
+        )
+        self._ids = itertools.count(1)
+        self.viewers: dict[int, Viewer] = {}
+        self.subscribers: dict[int, Viewer] = {}
+        self.publish_rate = _Rate()
+        self.delivered = _Rate(maxlen=65536)
+        self.frames_sent = 0
+        self.frames_skipped = 0  # of viewers that have left; live ones count in Viewer.skipped
+        self.rejected = 0
+
+    # -- wiring ----------------------------------------------------------------------------------
+    def attach(self) -> None:
+        self.hub.add_listener(self._listener)
+        self._ticker = self._loop.create_task(self._tick(), name="broadcast-ticker")
+
+    def detach(self) -> None:
+        self.hub.remove_listener(self._listener)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    def close(self) -> None:
+        """End every stream: waiters wake and see ``closed``. Runs on the event loop."""
+        self._closed = True
+        if self._ticker is not None:
+            self._ticker.cancel()
+        self._wake()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _listener(self, seq: int) -> None:
+        # The inference thread calls this after each publish: hand off, never block it.
+        try:
+            self._loop.call_soon_threadsafe(self._on_seq, seq)
+        except RuntimeError:
+            pass  # the event loop is gone: the server has stopped and nobody is watching
+
+    def _on_seq(self, seq: int) -> None:
+        if seq >= 0:
+            self.publish_rate.add(time.monotonic())
+        self._wake()
+
+    def _wake(self) -> None:
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    async def _tick(self) -> None:
+        # Waiters re-check their deadlines and the shutdown at least this often, without a
+        # timer task per wait.
+        while not self._closed:
+            await asyncio.sleep(TICK)
+            self._wake()
+
+    # -- waiting ---------------------------------------------------------------------------------
+    async def wait_newer(self, seq: int, deadline: float) -> bool:
+        """True once the hub has a frame newer than ``seq``; False at ``deadline`` or shutdown."""
+        while not self._closed:
+            if self.hub.seq > seq and not self.hub.closed:
+                return True
+            if time.monotonic() >= deadline:
+                return False
+            await self._event.wait()
+        return False
+
+    async def sleep_until(self, deadline: float) -> bool:
+        """Sleep to ``deadline``; False if the shutdown came first."""
+        while not self._closed:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return True
+            await asyncio.sleep(min(remaining, TICK))
+        return False
+
+    # -- encoding --------------------------------------------------------------------------------
+    async def frame(self, item: Published, res: str) -> SharedFrame:
+        """``item`` as JPEG at ``res``: one encode in the pool, awaited by everyone who asks."""
+        key = (item.seq, effective_res(item, res))
+        future = self._frames.get(key)
+        if future is None:
+            future = self._loop.run_in_executor(self._executor, self._encode, item, key[1])
+            self._frames[key] = future
+            self._prune(item.seq)
+        # shield: a viewer leaving mid-encode must not cancel the frame the others await.
+        return await asyncio.shield(future)
+
+    def _encode(self, item: Published, res: str) -> SharedFrame:
+        encoded = self.hub.jpeg(res, item)
+        if encoded is None:  # unreachable with an item given, but keep the type honest
+            raise RuntimeError("no frame to encode")
+        return SharedFrame(
+            encoded.seq, encoded.timestamp, res, encoded.width, encoded.height, encoded.jpeg,
+            make_part(encoded.seq, encoded.timestamp, encoded.jpeg),
+        )
+
+    def _prune(self, seq: int) -> None:
+        # Keep the last few frames: a viewer may still be awaiting the previous one.
+        while self._frames:
+            (old_seq, _), future = next(iter(self._frames.items()))
+            if old_seq >= seq - 2 or not future.done():
+                break
+            self._frames.popitem(last=False)
+        while len(self._frames) > 64:
+            self._frames.popitem(last=False)
+
+    # -- viewers ---------------------------------------------------------------------------------
+    def add_viewer(self, client: str, res: str, fps_cap: float | None, limit: int,
+                   kind: str = "mjpeg") -> Viewer | None:
+        table = self.viewers if kind == "mjpeg" else self.subscribers
+        if len(table) >= limit:
+            self.rejected += 1
+            return None
+        viewer = Viewer(next(self._ids), client, res, fps_cap, kind)
+        table[viewer.id] = viewer
+        log.debug("%s viewer %d from %s joined (%d now)", kind, viewer.id, client, len(table))
+        return viewer
+
+    def remove_viewer(self, viewer: Viewer) -> None:
+        table = self.viewers if viewer.kind == "mjpeg" else self.subscribers
+        if table.pop(viewer.id, None) is not None:
+            if viewer.kind == "mjpeg":
+                self.frames_skipped += viewer.skipped
+            log.debug("%s viewer %d left after %d frames", viewer.kind, viewer.id, viewer.sent)
+
+    def record_sent(self, viewer: Viewer, seq: int) -> None:
+        now = time.monotonic()
+        viewer.record(seq, now)
+        if viewer.kind == "mjpeg":
+            self.frames_sent += 1
+            self.delivered.add(now)
+
+    @property
+    def skipped_total(self) -> int:
+        return self.frames_skipped + sum(v.skipped for v in self.viewers.values())

@@ -1,0 +1,92 @@
+"""``/results`` (the latest result as JSON) and ``/results/events`` (one SSE event per result)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import StreamingResponse
+
+from app.broadcast import Broadcaster, Viewer
+from app.routes import PrettyJSONResponse, _finite, broadcaster_of, runtime_of
+from app.routes.stream import NO_STORE, ClosingStreamingResponse, client_name
+from app.security import require_view
+from inference.hub import Published
+from inference.runtime import Runtime
+
+router = APIRouter(dependencies=[Depends(require_view)], tags=["results"])
+
+SSE_KEEPALIVE = 15.0  # a comment line this often keeps proxies from closing an idle stream
+SSE_RETRY_MS = 2000
+
+
+def result_json(runtime: Runtime, item: Published | None) -> dict[str, Any]:
+    state = runtime.loop.state.value
+    if item is None:
+        return {"seq": 0, "timestamp": None, "model": None, "results": [], "payload": {},
+                "fps": 0.0, "timings_ms": {}, "error": "no frame yet", "state": state}
+    # to_json already carries the seed's {label: prob} as "payload".
+    return {**item.result.to_json(), "state": state}
+
+
+@router.get("/results", response_class=PrettyJSONResponse, summary="The latest result")
+async def results(request: Request) -> PrettyJSONResponse:
+    """``seq`` (the frame's), capture ``timestamp``, ``model``, ``results`` (label, name, prob;
+    boxes for ssd), ``payload`` (the seed's IoT ``{label: prob}``), ``fps``, ``timings_ms``,
+    and the pipeline ``state``."""
+    runtime = runtime_of(request)
+    return PrettyJSONResponse(result_json(runtime, runtime.hub.latest()), headers=NO_STORE)
+
+
+def _event(data: dict[str, Any], seq: int) -> bytes:
+    try:
+        text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        text = json.dumps(_finite(data), separators=(",", ":"))
+    return f"id: {seq}\nevent: result\ndata: {text}\n\n".encode()
+
+
+async def _events(broadcaster: Broadcaster, runtime: Runtime, viewer: Viewer) -> AsyncIterator[bytes]:
+    yield f"retry: {SSE_RETRY_MS}\n\n".encode()
+    last_seq = 0
+    last_sent = time.monotonic()
+    while not broadcaster.closed:
+        newer = await broadcaster.wait_newer(last_seq, last_sent + SSE_KEEPALIVE)
+        if broadcaster.closed:
+            break
+        item = runtime.hub.latest()
+        if not newer or item is None:
+            last_sent = time.monotonic()
+            yield b": keepalive\n\n"
+            continue
+        last_seq, last_sent = item.seq, time.monotonic()
+        broadcaster.record_sent(viewer, item.seq)
+        yield _event(result_json(runtime, item), item.seq)
+
+
+@router.get(
+    "/results/events",
+    summary="Server-Sent Events: one 'result' event per new result",
+    response_class=StreamingResponse,
+    responses={200: {"content": {"text/event-stream": {}}}, 503: {"description": "Too many subscribers"}},
+)
+async def result_events(request: Request) -> Response:
+    """Each event is ``event: result`` with ``id`` = seq and the ``/results`` JSON as data; the
+    latest result comes at once on connect. A slow subscriber skips to the latest."""
+    broadcaster = broadcaster_of(request)
+    limit = request.app.state.settings.max_viewers
+    viewer = broadcaster.add_viewer(client_name(request), "-", None, limit, kind="sse")
+    if viewer is None:
+        return PrettyJSONResponse(
+            {"detail": f"too many event subscribers: {limit} are already connected; try again later"},
+            status_code=503, headers={"Retry-After": "5"},
+        )
+    return ClosingStreamingResponse(
+        _events(broadcaster, runtime_of(request), viewer),
+        on_close=lambda: broadcaster.remove_viewer(viewer),
+        media_type="text/event-stream",
+        headers=NO_STORE,
+    )

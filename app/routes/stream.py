@@ -1,0 +1,158 @@
+"""``/stream.mjpg`` and ``/snapshot.jpg``: the annotated frames, encoded once and shared."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from app.broadcast import Broadcaster, Viewer
+from app.routes import PrettyJSONResponse, broadcaster_of, query_error, runtime_of
+from app.security import require_view
+from inference import RESOLUTION_NAMES
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(dependencies=[Depends(require_view)], tags=["stream"])
+
+BOUNDARY = "frame"
+KEEPALIVE = 1.0  # resend the latest frame after this long without a new one (paused, stalled)
+MAX_FPS = 120.0
+NO_STORE = {
+    "Cache-Control": "no-cache, no-store, must-revalidate",
+    "Pragma": "no-cache",
+    "X-Accel-Buffering": "no",  # nginx: pass each part on at once
+}
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Runs ``on_close`` when the response ends for any reason (finished, client gone, shutdown).
+
+    Starlette cancels a stream whose client left while the generator may sit at a ``yield``;
+    closing it here makes the clean-up deterministic instead of waiting for the GC.
+    """
+
+    def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None],
+                 **kwargs: object) -> None:
+        super().__init__(content, **kwargs)  # type: ignore[arg-type]
+        self._generator = content
+        self._on_close = on_close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_close()
+            aclose = getattr(self._generator, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+def _parse_res(value: str | None) -> str:
+    res = (value or "native").strip()
+    if res not in RESOLUTION_NAMES:
+        raise ValueError(f"must be one of {', '.join(RESOLUTION_NAMES)}; got {value!r}")
+    return res
+
+
+def _parse_fps(value: str | None) -> float | None:
+    if value is None or value.strip() in ("", "0"):
+        return None
+    try:
+        fps = float(value)
+    except ValueError:
+        raise ValueError(f"expected a number of frames per second, got {value!r}") from None
+    if not 0 < fps <= MAX_FPS:
+        raise ValueError(f"must be above 0 and at most {MAX_FPS:g}, got {value!r}")
+    return fps
+
+
+def client_name(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "?"
+
+
+async def _parts(broadcaster: Broadcaster, viewer: Viewer, res: str) -> AsyncIterator[bytes]:
+    hub = broadcaster.hub
+    min_interval = 1.0 / viewer.fps_cap if viewer.fps_cap else 0.0
+    last_seq = 0
+    last_sent = 0.0
+    while not broadcaster.closed:
+        if min_interval and last_sent:
+            if not await broadcaster.sleep_until(last_sent + min_interval):
+                break
+        deadline = (last_sent or time.monotonic()) + KEEPALIVE
+        newer = await broadcaster.wait_newer(last_seq, deadline)
+        if broadcaster.closed:
+            break
+        item = hub.latest()
+        if item is None or (not newer and time.monotonic() < deadline):
+            continue
+        # Not newer past the deadline: the same frame again keeps viewers and proxies alive.
+        frame = await broadcaster.frame(item, res)
+        broadcaster.record_sent(viewer, frame.seq)
+        last_seq, last_sent = max(last_seq, item.seq), time.monotonic()
+        yield frame.part
+
+
+@router.get(
+    "/stream.mjpg",
+    summary="Live MJPEG stream of the annotated frames",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {f"multipart/x-mixed-replace; boundary={BOUNDARY}": {}},
+              "description": "One part per frame: image/jpeg with X-Frame-Seq and X-Timestamp"},
+        503: {"description": "Too many viewers"},
+    },
+)
+async def stream(request: Request, res: str | None = None, fps: str | None = None) -> Response:
+    """Parts carry ``Content-Length``, ``X-Frame-Seq`` and ``X-Timestamp`` (capture time, epoch s).
+    ``?res=480p|720p|1080p|native`` (never upscaled past the annotated frame), ``?fps=`` caps
+    this viewer. A slow viewer skips to the latest frame; with no new frame for ~1 s the latest
+    is sent again."""
+    try:
+        resolution = _parse_res(res)
+    except ValueError as exc:
+        return query_error("res", str(exc))
+    try:
+        fps_cap = _parse_fps(fps)
+    except ValueError as exc:
+        return query_error("fps", str(exc))
+    broadcaster = broadcaster_of(request)
+    limit = request.app.state.settings.max_viewers
+    viewer = broadcaster.add_viewer(client_name(request), resolution, fps_cap, limit)
+    if viewer is None:
+        return PrettyJSONResponse(
+            {"detail": f"too many viewers: {limit} are already watching (the --max-viewers "
+                       "limit); try again later"},
+            status_code=503, headers={"Retry-After": "5"},
+        )
+    return ClosingStreamingResponse(
+        _parts(broadcaster, viewer, resolution),
+        on_close=lambda: broadcaster.remove_viewer(viewer),
+        media_type=f"multipart/x-mixed-replace; boundary={BOUNDARY}",
+        headers=NO_STORE,
+    )
+
+
+@router.get(
+    "/snapshot.jpg",
+    summary="The latest annotated frame as JPEG",
+    response_class=Response,
+    responses={200: {"content": {"image/jpeg": {}}}, 503: {"description": "No frame yet"}},
+)
+async def snapshot(request: Request, res: str | None = None) -> Response:
+    try:
+        resolution = _parse_res(res)
+    except ValueError as exc:
+        return query_error("res", str(exc))
+    broadcaster = broadcaster_of(request)
+    item = runtime_of(request).hub.latest()
+    if item is None:
+        return PrettyJSONResponse({"detail": "no frame yet"}, status_code=503)
+    frame = await broadcaster.frame(item, resolution)
+    headers = {**NO_STORE, "X-Frame-Seq": str(frame.seq), "X-Timestamp": f"{frame.timestamp:.6f}"}
+    return Response(frame.jpeg, media_type="image/jpeg", headers=headers)

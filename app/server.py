@@ -1,0 +1,267 @@
+"""Serving the app with uvicorn: from the CLI (main thread) or from the Greengrass Lambda (a thread).
+
+We bind the listening socket ourselves so a port in use is a clear error before anything starts,
+and a server thread can report "bound" to its caller. Open MJPEG/SSE streams never end on their
+own, and uvicorn's graceful shutdown waits for them, so :class:`DashboardServer` tells the app to
+end its streams as the first step of shutting down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import logging
+import signal
+import socket
+import threading
+from collections.abc import Generator
+from types import FrameType
+
+import uvicorn
+from fastapi import FastAPI
+
+from app.main import begin_shutdown, create_app
+from app.security import RedactTokens, ensure_token
+from inference.config import Settings
+from inference.runtime import Runtime, build_runtime
+
+log = logging.getLogger("app")
+
+EXIT_OK = 0
+EXIT_START = 1
+# uvicorn cancels whatever request task is still running after this many seconds of shutdown;
+# our streams end well before (they watch the shutdown), this only bounds a stuck handler.
+GRACEFUL_SECONDS = 1
+
+__all__ = [
+    "DashboardServer", "ServerThread", "create_server", "ensure_token", "run_in_thread", "serve",
+]
+
+
+class PortInUseError(OSError):
+    pass
+
+
+class DashboardServer(uvicorn.Server):
+    """uvicorn.Server that ends the app's streams first on shutdown and keeps signals to itself."""
+
+    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+        super().__init__(config)
+        self.app = app
+        self.bound = threading.Event()
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            self.bound.set()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        begin_shutdown(self.app)
+        await super().shutdown(sockets)
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        # uvicorn re-raises the captured signal after a graceful stop, which turns Ctrl-C into a
+        # KeyboardInterrupt traceback and SIGTERM into a signal death; we want exit code 0.
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        handled = (signal.SIGINT, signal.SIGTERM)
+        original = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+        try:
+            yield
+        finally:
+            for sig, handler in original.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True
+        else:
+            self.should_exit = True
+
+
+def _uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        ssl_certfile=settings.ssl_certfile or None,
+        ssl_keyfile=settings.ssl_keyfile or None,
+        log_level=settings.log_level,
+        # One line per request would flood a device log (the page polls); debug shows them.
+        access_log=settings.log_level == "debug",
+        log_config=None,  # our handlers (app.cli.setup_logging), not uvicorn's own
+        lifespan="on",
+        timeout_graceful_shutdown=GRACEFUL_SECONDS,
+    )
+
+
+def create_server(runtime: Runtime, settings: Settings) -> DashboardServer:
+    settings = ensure_token(settings)
+    logging.getLogger("uvicorn.access").addFilter(RedactTokens())
+    app = create_app(runtime, settings)
+    return DashboardServer(_uvicorn_config(app, settings), app)
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening-ready socket on host:port; PortInUseError with a plain message if taken."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    # Lets a restarted dashboard take the port while old connections sit in TIME_WAIT.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUseError(
+                exc.errno,
+                f"port {port} on {host} is already in use (another dashboard?); stop it or "
+                f"choose another with --port",
+            ) from None
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _scheme(settings: Settings) -> str:
+    return "https" if settings.ssl_certfile else "http"
+
+
+class ServerThread:
+    """A uvicorn server in a named, non-daemon thread "http-server" that the owner stops."""
+
+    def __init__(self, server: DashboardServer) -> None:
+        self.server = server
+        self._thread: threading.Thread | None = None
+        self._sock: socket.socket | None = None
+        self._error: BaseException | None = None
+        self.host = server.config.host
+        self.port = server.config.port
+
+    @property
+    def started(self) -> bool:
+        return self.server.bound.is_set() and self._thread is not None and self._thread.is_alive()
+
+    @property
+    def url(self) -> str:
+        host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        if ":" in host:
+            host = f"[{host}]"
+        scheme = "https" if self.server.config.ssl_certfile else "http"
+        return f"{scheme}://{host}:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> None:
+        """Bind, start the thread and return once the server accepts connections (lifespan done)."""
+        if self._thread is not None:
+            raise RuntimeError("server thread already started")
+        self._sock = bind_socket(self.host, self.port)
+        self.port = int(self._sock.getsockname()[1])
+        self._thread = threading.Thread(target=self._run, name="http-server", daemon=False)
+        self._thread.start()
+        while not self.server.bound.wait(0.05):
+            if not self._thread.is_alive() or (timeout := timeout - 0.05) <= 0:
+                self.stop()
+                raise RuntimeError(f"the dashboard server did not start: {self._error!r}")
+
+    def _run(self) -> None:
+        assert self._sock is not None
+        try:
+            self.server.run(sockets=[self._sock])
+        except BaseException as exc:  # SystemExit from a failed lifespan ends only this thread
+            self._error = exc
+            log.error("dashboard server stopped with an error: %r", exc)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        thread = self._thread
+        self.server.should_exit = True
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+            if thread.is_alive():
+                self.server.force_exit = True
+                thread.join(1.0)
+                if thread.is_alive():
+                    log.warning("dashboard server thread still running after stop")
+        if self._sock is not None:
+            self._sock.close()
+
+
+def run_in_thread(runtime: Runtime, settings: Settings) -> ServerThread:
+    """Serve in a background thread (the Greengrass Lambda); returns once the port is bound."""
+    settings = ensure_token(settings)
+    thread = ServerThread(create_server(runtime, settings))
+    thread.start()
+    log_urls(settings, thread.port)
+    return thread
+
+
+def local_ipv4() -> list[str]:
+    """The machine's IPv4 addresses, for the URLs to print (best effort, no extra packages)."""
+    found: list[str] = []
+    try:
+        import fcntl
+        import struct
+
+        siocgifaddr = 0x8915
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            for _, name in socket.if_nameindex():
+                try:
+                    packed = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name[:15].encode()))
+                except OSError:
+                    continue  # interface without an IPv4 address
+                found.append(socket.inet_ntoa(packed[20:24]))
+    except (ImportError, OSError):
+        pass
+    if not found:
+        with contextlib.suppress(OSError), socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect(("10.255.255.255", 1))  # UDP connect sends nothing; it picks the route
+            found.append(str(s.getsockname()[0]))
+    found = sorted(set(found), key=lambda a: (a.startswith("127."), a))
+    return found or ["127.0.0.1"]
+
+
+def dashboard_urls(settings: Settings, port: int) -> list[str]:
+    hosts = local_ipv4() if settings.host in ("0.0.0.0", "::", "") else [settings.host]
+    return [f"{_scheme(settings)}://{h if ':' not in h else f'[{h}]'}:{port}/" for h in hosts]
+
+
+def log_urls(settings: Settings, port: int, generated: bool = True) -> None:
+    urls = dashboard_urls(settings, port)
+    log.info("dashboard: %s", "  ".join(urls))
+    if generated:
+        # The one place the token is ever written out, as Jupyter does.
+        log.info("control (opens with the control token): %s?token=%s", urls[0], settings.token)
+    else:
+        log.info("control: open %s?token=<your --token> once in the browser", urls[0])
+
+
+def serve(settings: Settings, parser: argparse.ArgumentParser) -> int:
+    """The CLI: prepare or exit 2 naming the option; serve until Ctrl-C/SIGTERM; 1 if the port is taken."""
+    from app.cli import check_start, prepare
+
+    generated = not settings.token
+    settings = ensure_token(settings)
+    check_start(settings, parser)
+    runtime = build_runtime(settings)
+    prepare(runtime.loop, parser)
+    try:
+        sock = bind_socket(settings.host, settings.port)
+    except OSError as exc:
+        log.error("cannot listen: %s", exc.strerror or exc)
+        return EXIT_START
+    server = create_server(runtime, settings)
+    server.config.port = int(sock.getsockname()[1])
+    log_urls(settings, server.config.port, generated)
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
+        pass
+    except SystemExit as exc:  # uvicorn exits this way when the lifespan fails to start
+        log.error("the dashboard could not start")
+        return int(exc.code) if isinstance(exc.code, int) else EXIT_START
+    finally:
+        runtime.stop()
+        sock.close()
+    return EXIT_OK if server.started else EXIT_START

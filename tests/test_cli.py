@@ -1,0 +1,92 @@
+"""The console script: headless infer, --help, env vars, and exit code 2 naming the option."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app.cli import build_parser
+from inference.config import OPTIONS, Settings, from_env
+from tests.conftest import ROOT
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("DEEPLENS_")}
+    full_env.update(env or {})
+    return subprocess.run([sys.executable, "-m", "app", *args], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_infer_prints_one_json_line_per_frame(image_file: Path) -> None:
+    proc = cli("infer", "--source", str(image_file), "--frames", "3", "--top-k", "2")
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert len(lines) == 3
+    for line in lines:
+        payload, result = line["payload"], line["result"]
+        assert len(payload) == 2 and all(isinstance(v, float) for v in payload.values())
+        assert list(payload) == [r["name"] for r in result["results"]]
+        assert result["model"]["name"] == "efficientnet-lite0"
+        assert set(result["timings_ms"]) == {"capture", "preprocess", "inference", "postprocess",
+                                             "overlay"}
+    assert [line["result"]["seq"] for line in lines] == [1, 2, 3]
+    assert next(iter(lines[0]["payload"])) in ("tiger cat", "Egyptian cat")
+
+
+def test_infer_catdog_gives_the_seed_payload(image_file: Path) -> None:
+    proc = cli("infer", "--source", str(image_file), "--frames", "1", "--model", "catdog")
+    assert proc.returncode == 0, proc.stderr
+    payload = json.loads(proc.stdout)["payload"]
+    assert list(payload) == ["cat", "dog"] and payload["cat"] > 0.9
+
+
+def test_env_vars_set_options(image_file: Path) -> None:
+    proc = cli("infer", "--frames", "1",
+               env={"DEEPLENS_SOURCE": str(image_file), "DEEPLENS_TOP_K": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["payload"]) == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "needle"),
+    [
+        (["--top-k", "0"], {}, "--top-k"),
+        (["--threshold", "2"], {}, "--threshold"),
+        (["--threshold", "abc"], {}, "--threshold"),
+        (["--display-res", "999p"], {}, "--display-res"),
+        (["--input-size", "224"], {}, "--input-size"),
+        (["--overlay", "maybe"], {}, "--overlay"),
+        ([], {"DEEPLENS_TOP_K": "zero"}, "DEEPLENS_TOP_K"),
+        (["--source", "/no/such/clip.mp4"], {}, "--source"),
+        (["--model", "/no/such/model.onnx"], {}, "/no/such/model.onnx"),
+        (["--labels", "/no/such/labels.txt"], {}, "/no/such/labels.txt"),
+        (["--no-such-option"], {}, "--no-such-option"),
+    ],
+)
+def test_bad_values_exit_2_naming_the_option(args: list[str], env: dict[str, str], needle: str) -> None:
+    proc = cli("infer", "--frames", "1", *args, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_help_documents_every_option_with_its_env_var() -> None:
+    parser = build_parser()
+    serve_help = parser._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
+    for opt in OPTIONS:
+        assert opt.flag in serve_help, opt.flag
+        assert opt.env in serve_help, opt.env
+
+
+def test_settings_from_env_and_defaults() -> None:
+    s = from_env(env={"DEEPLENS_THRESHOLD": "0.25", "DEEPLENS_OVERLAY": "off",
+                      "DEEPLENS_INPUT_SIZE": "300x300", "DEEPLENS_MEAN": "0.5"})
+    assert s.threshold == 0.25 and s.overlay is False
+    assert s.input_size == (300, 300) and s.mean == (0.5, 0.5, 0.5)
+    assert Settings().port == 8080 and Settings().fifo == "/tmp/results.mjpeg"
