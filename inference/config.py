@@ -11,6 +11,7 @@ import dataclasses
 import json
 import os
 import re
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -358,6 +359,49 @@ def parse_value(name: str, value: Any) -> Any:
         raise SettingError(name, f"{opt.flag}: {exc}") from None
 
 
+def _key_line(text: str, key: str) -> int:
+    pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if pattern.match(line):
+            return number
+    return 0
+
+
+def from_file(path: str, base: Settings | None = None) -> Settings:
+    """Settings from a TOML file of ``option = value`` lines (names as the flags, ``-`` or ``_``).
+
+    Errors name the file, the line and the key. Values are checked as the flags' are.
+    """
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+
+    try:
+        text = open(path, encoding="utf-8").read()
+    except OSError as exc:
+        raise SettingError("config", f"--config: cannot read {path}: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingError("config", f"--config: {path}: {exc}") from None
+    changes: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        line = _key_line(text, key)
+        where = f"{path}, line {line}" if line else path
+        if name not in OPTIONS_BY_NAME or name == "config":
+            raise SettingError(name, f"--config: {where}: unknown key {key!r}")
+        opt = OPTIONS_BY_NAME[name]
+        if isinstance(value, list):
+            value = ",".join(str(v) for v in value)
+        try:
+            changes[name] = opt.parse(value)
+        except (ValueError, TypeError) as exc:
+            raise SettingError(name, f"--config: {where}: {key}: {exc}") from None
+    return (base or Settings()).replace(**changes)
+
+
 def from_env(base: Settings | None = None, env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     settings = base or Settings()
@@ -385,6 +429,10 @@ def validate_changes(changes: Mapping[str, Any], live_only: bool = True) -> dict
 
 def add_arguments(parser: argparse.ArgumentParser, groups: Sequence[str]) -> None:
     """One flag per option of ``groups``; the default is the env var, checked when parsed."""
+    parser.add_argument(
+        "--config", metavar="FILE", default=None,
+        help=f"TOML file of option = value lines, below env vars and flags (env {ENV_PREFIX}CONFIG)",
+    )
     for group_name in groups:
         group = parser.add_argument_group(group_name)
         for opt in OPTIONS:
@@ -408,8 +456,11 @@ def _show(value: Any) -> str:
 
 
 def from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> Settings:
-    """Env vars first, then flags on top; raises SettingError naming the option."""
-    settings = from_env(env=env)
+    """A config file, then env vars, then flags on top; raises SettingError naming the option."""
+    env = os.environ if env is None else env
+    config = getattr(ns, "config", None) or env.get(ENV_PREFIX + "CONFIG", "")
+    settings = from_file(config) if config else None
+    settings = from_env(settings, env=env)
     changes: dict[str, Any] = {}
     for opt in OPTIONS:
         raw = getattr(ns, opt.name, None)

@@ -15,7 +15,9 @@ from inference.config import OPTIONS, Settings, from_env
 from tests.conftest import ROOT
 
 
-def cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if not k.startswith("DEEPLENS_")}
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "app", *args], cwd=ROOT, env=full_env,
@@ -90,3 +92,30 @@ def test_settings_from_env_and_defaults() -> None:
     assert s.threshold == 0.25 and s.overlay is False
     assert s.input_size == (300, 300) and s.mean == (0.5, 0.5, 0.5)
     assert Settings().port == 8080 and Settings().fifo == "/tmp/results.mjpeg"
+
+
+def test_config_file_sets_options_below_env_and_flags(tmp_path: Path, image_file: Path) -> None:
+    config = tmp_path / "dashboard.toml"
+    config.write_text(f'source = "{image_file}"\ntop-k = 4\nthreshold = 0.0\n')
+    proc = cli("infer", "--frames", "1", "--config", str(config), env={"DEEPLENS_TOP_K": "3"})
+    assert proc.returncode == 0, proc.stderr
+    assert len(json.loads(proc.stdout)["payload"]) == 3
+    proc = cli("infer", "--frames", "1", "--config", str(config), "--top-k", "2")
+    assert len(json.loads(proc.stdout)["payload"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "needles"),
+    [
+        ('source = "demo"\n\ntop_k = 0\n', ["line 3", "top_k", "between 1 and 1000"]),
+        ('source = "demo"\ncolour = "rgb"\n', ["line 2", "unknown key 'colour'"]),
+        ("top_k = \n", ["dashboard.toml"]),
+    ],
+)
+def test_config_file_errors_name_the_key_and_line(tmp_path: Path, text: str, needles: list[str]) -> None:
+    config = tmp_path / "dashboard.toml"
+    config.write_text(text)
+    proc = cli("infer", "--frames", "1", "--config", str(config))
+    assert proc.returncode == 2
+    for needle in needles:
+        assert needle in proc.stderr
