@@ -31,7 +31,7 @@ def classification(probs: npt.NDArray[Any]) -> Parsed:
         raise ValueError("classification output holds NaN or infinity")
     order = np.argsort(-flat, kind="stable")
     values = flat[order].tolist()
-    return {"classification": [{"label": int(i), "prob": p} for i, p in zip(order.tolist(), values)]}
+    return {"classification": [{"label": i, "prob": p} for i, p in zip(order.tolist(), values)]}
 
 
 def ssd_from_rows(
