@@ -101,13 +101,24 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def check_start(settings: Settings, parser: argparse.ArgumentParser) -> None:
-    """Refuse at start what cannot work: unknown source, missing model or labels file."""
+    """Refuse at start what cannot work: an unknown source, an unreadable file or image set.
+
+    A camera or stream that is down at start is not refused: the loop retries until it is back.
+    """
     from inference.sources import SourceSpecError, default_source, make_source
+    from inference.sources.images import ImagesSource
+    from inference.sources.video import VideoSource
+    from inference.types import SourceError
 
     try:
-        make_source(settings.source or default_source(), settings.source_fps,
-                    settings.slide_interval)
-    except SourceSpecError as exc:
+        source = make_source(settings.source or default_source(), settings.source_fps,
+                             settings.slide_interval)
+        if isinstance(source, ImagesSource) or (isinstance(source, VideoSource) and not source.live):
+            source.open()
+            if isinstance(source, VideoSource) and source.read() is None:
+                raise SourceError(f"{source.name!r} holds no decodable frame")
+            source.close()
+    except (SourceSpecError, SourceError) as exc:
         parser.error(f"--source: {exc}")
 
 

@@ -119,3 +119,30 @@ def test_config_file_errors_name_the_key_and_line(tmp_path: Path, text: str, nee
     assert proc.returncode == 2
     for needle in needles:
         assert needle in proc.stderr
+
+
+def test_corrupt_video_and_unreadable_images_are_refused_at_start(tmp_path: Path) -> None:
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(bytes(range(256)) * 40)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"not a jpeg")
+    for source in (corrupt, folder):
+        proc = cli("infer", "--frames", "1", "--source", str(source))
+        assert proc.returncode == 2, proc.stderr
+        assert "--source" in proc.stderr and str(source) in proc.stderr
+
+
+def test_labels_file_with_the_wrong_count_is_logged(tmp_path: Path, image_file: Path) -> None:
+    from tests import onnx_graphs
+
+    model = tmp_path / "colour.onnx"
+    model.write_bytes(onnx_graphs.classifier(num_classes=4))
+    labels = tmp_path / "labels.txt"
+    labels.write_text("red\ngreen\n")  # two names for four classes
+    proc = cli("infer", "--frames", "1", "--source", str(image_file), "--model", str(model),
+               "--model-type", "classification", "--labels", str(labels))
+    assert proc.returncode == 0, proc.stderr
+    assert "2 names for 4 classes" in proc.stderr
+    names = [r["name"] for r in json.loads(proc.stdout)["result"]["results"]]
+    assert set(names) == {"red", "green", "2", "3"}  # unnamed ids show as numbers
