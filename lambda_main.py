@@ -9,7 +9,8 @@ setting) does not end the function: it is logged and published on the IoT topic 
 ``Error in ...`` message, and the dashboard comes up showing it. Import returns once the server
 is bound; its non-daemon thread keeps the process alive, and SIGTERM stops it all cleanly.
 
-Settings come from ``DEEPLENS_*`` environment variables (the Lambda's environment in the console).
+Settings come from ``DEEPLENS_*`` environment variables (the Lambda's environment in the console)
+and, with ``DEEPLENS_CONFIG``, a TOML file (a relative path may name a file shipped in the zip).
 """
 
 from __future__ import annotations
@@ -28,15 +29,20 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from inference.config import SettingError, Settings, from_env
+from inference.config import SettingError, Settings, from_env, from_file
 from inference.runtime import Runtime, build_runtime
+
+if TYPE_CHECKING:
+    from app.server import ServerThread
+    from inference.outputs.iot import IotOutput
 
 log = logging.getLogger("lambda_main")
 
-FUNCTION = "deeplens-dashboard lambda"
+FUNCTION = "deeplens-dashboard Lambda"
 STOP_SECONDS = 2.0
 
 
@@ -51,7 +57,7 @@ class Service:
     def __init__(self) -> None:
         self.settings = Settings()
         self.runtime: Runtime | None = None
-        self.server: Any = None  # app.server.ServerThread
+        self.server: ServerThread | None = None
         self.errors: list[str] = []
         self._stopped = threading.Event()
         self._keepalive: threading.Thread | None = None
@@ -61,22 +67,28 @@ class Service:
         self.settings = self._settings()
         runtime = self._runtime()
         self.runtime = runtime
-        iot = self.iot
         for message in self.errors:
-            if iot is not None:
-                iot.error(FUNCTION, message)
+            self._publish_error(message)
+        iot = self.iot
+        if iot is not None:
+            iot.announce_loading()
         # strict=False: a model that cannot load is kept as an error shown on every frame (and
-        # published by the IoT output) instead of killing the function as the seed did.
+        # on /health) instead of ending the function as the seed did.
         try:
             runtime.prepare(strict=False)
         except Exception as exc:  # prepare(strict=False) only raises on a bug; still come up
             log.exception("preparing the runtime failed")
-            if iot is not None:
-                iot.error(FUNCTION, exc)
+            self._publish_error(str(exc))
         load_error = runtime.loop.stats.model_load_error
         if load_error:
-            log.error("model not loaded: %s", load_error)
+            # The loop's own wording, so the frames' identical error is not published twice.
+            self._publish_error(f"model not loaded: {load_error}")
         self._serve(runtime)
+
+    def _publish_error(self, message: str) -> None:
+        iot = self.iot
+        if iot is not None:
+            iot.report_error(message)
 
     def _settings(self) -> Settings:
         base = Settings()
@@ -85,6 +97,16 @@ class Service:
 
             base = base.replace(source="awscam", model=DEVICE_DEFAULT_MODEL)
         env = dict(os.environ)
+        config = env.pop("DEEPLENS_CONFIG", "")
+        if config:
+            # A TOML file shipped in the zip may be named relative to this module.
+            beside = Path(__file__).resolve().parent / config
+            path = config if Path(config).is_absolute() or not beside.is_file() else str(beside)
+            try:
+                base = from_file(path, base)
+            except SettingError as exc:
+                self.errors.append(exc.message)
+                log.error("%s; the file is ignored", exc.message)
         while True:  # bounded: each pass removes one bad variable
             try:
                 return from_env(base, env)
@@ -123,24 +145,29 @@ class Service:
             message = f"dashboard not served: {exc}"
             self.errors.append(message)
             log.exception("%s", message)
-            iot = self.iot
-            if iot is not None:
-                iot.error(FUNCTION, message)
+            self._publish_error(message)
         runtime.start()
         # Without the server's thread nothing would keep the process up between invocations.
-        self._keepalive = threading.Thread(target=self._wait, name="lambda-keepalive", daemon=False)
+        self._keepalive = threading.Thread(target=self.wait, name="lambda-keepalive", daemon=False)
         self._keepalive.start()
 
-    def _wait(self) -> None:
+    def wait(self) -> None:
+        """Block until stopped (``python lambda_main.py`` runs this way, off Greengrass)."""
         while not self._stopped.wait(1.0):
             pass
 
     @property
-    def iot(self) -> Any:
+    def stopped(self) -> bool:
+        return self._stopped.is_set()
+
+    @property
+    def iot(self) -> IotOutput | None:
+        from inference.outputs.iot import IotOutput
+
         runtime = self.runtime
         if runtime is None:
             return None
-        return next((o for o in runtime.outputs if o.name == "iot"), None)
+        return next((o for o in runtime.outputs if isinstance(o, IotOutput)), None)
 
     # -- stop ------------------------------------------------------------------------------------
     def stop(self, timeout: float = STOP_SECONDS) -> None:
@@ -150,11 +177,13 @@ class Service:
         deadline = time.monotonic() + timeout
         if self.server is not None:
             try:
-                self.server.stop(max(0.1, timeout * 0.5))
+                # ServerThread.stop may add a second for a forced exit: keep within the budget.
+                self.server.stop(timeout * 0.3)
             except Exception:
                 log.exception("stopping the dashboard server failed")
         if self.runtime is not None:
-            self.runtime.stop(max(0.1, deadline - time.monotonic()))
+            # The app's lifespan stops the runtime too; stopping twice is harmless.
+            self.runtime.stop(max(0.2, deadline - time.monotonic()))
         log.info("%s stopped", FUNCTION)
 
 
@@ -171,10 +200,19 @@ def _setup_logging(level: str) -> None:
 def _install_sigterm(service: Service) -> None:
     if threading.current_thread() is not threading.main_thread():
         return  # signal handlers can only be set from the main thread
+    previous = signal.getsignal(signal.SIGTERM)
 
     def on_sigterm(signum: int, frame: FrameType | None) -> None:
         log.info("SIGTERM: stopping")
         service.stop()
+        if not threading.main_thread().is_alive():
+            return  # the interpreter is exiting, held only by our threads, now stopped
+        # The main thread still runs something (the Greengrass runtime's own loop): hand the
+        # signal on, or end the process as SIGTERM means to.
+        if callable(previous):
+            previous(signum, frame)
+        elif previous != signal.SIG_IGN:
+            raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, on_sigterm)
 
@@ -188,3 +226,6 @@ def main() -> Service:
 
 
 SERVICE = main()
+
+if __name__ == "__main__":
+    SERVICE.wait()

@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import concurrent.futures
 import itertools
 import logging
+import queue
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from inference.hub import FrameHub, Published, target_size
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 TICK = 0.25  # how late a waiter may notice a deadline or the shutdown
 ENCODER_THREADS = 2  # a few resolutions in flight at once; the hub serializes each resolution
@@ -61,6 +65,94 @@ def effective_res(item: Published, res: str) -> str:
     h, w = item.image.shape[:2]
     tw, th = target_size(w, h, res)
     return "native" if tw >= w or th >= h else res
+
+
+def _settle(future: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
+    if future.cancelled():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)  # type: ignore[arg-type]
+
+
+def _post(loop: asyncio.AbstractEventLoop, future: asyncio.Future[T], result: T | None,
+          error: BaseException | None) -> None:
+    try:
+        loop.call_soon_threadsafe(_settle, future, result, error)
+    except RuntimeError:
+        pass  # the event loop has closed: nobody awaits this any more
+
+
+async def call_in_thread(name: str, fn: Callable[..., T], *args: Any) -> T:
+    """``fn(*args)`` in a fresh named thread, awaited without blocking the event loop.
+
+    For the rare slow calls (start/stop the loop, load a model). Not asyncio.to_thread: its
+    executor refuses work once the interpreter's main thread has ended, which is how a Lambda
+    module that only starts threads at import can live.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def run() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting task, which re-raises it
+            _post(loop, future, None, exc)
+        else:
+            _post(loop, future, result, None)
+
+    # Daemon: a model load that never returns must not keep the process from exiting.
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return await future
+
+
+class Encoder:
+    """A few named threads that JPEG-encode on request; owned and stopped by the Broadcaster."""
+
+    def __init__(self, hub: FrameHub, threads: int = ENCODER_THREADS) -> None:
+        self.hub = hub
+        self._jobs: queue.SimpleQueue[
+            tuple[Published, str, asyncio.AbstractEventLoop, asyncio.Future[SharedFrame]] | None
+        ] = queue.SimpleQueue()
+        self._threads = [
+            threading.Thread(target=self._run, name=f"jpeg-encode-{i}", daemon=True)
+            for i in range(threads)
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, item: Published, res: str) -> asyncio.Future[SharedFrame]:
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[SharedFrame] = loop.create_future()
+        self._jobs.put((item, res, loop, future))
+        return future
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            item, res, loop, future = job
+            try:
+                frame = self._encode(item, res)
+            except Exception as exc:
+                _post(loop, future, None, exc)
+            else:
+                _post(loop, future, frame, None)
+
+    def _encode(self, item: Published, res: str) -> SharedFrame:
+        encoded = self.hub.jpeg(res, item)
+        if encoded is None:  # unreachable with an item given, but keep the type honest
+            raise RuntimeError("no frame to encode")
+        return SharedFrame(
+            encoded.seq, encoded.timestamp, res, encoded.width, encoded.height, encoded.jpeg,
+            make_part(encoded.seq, encoded.timestamp, encoded.jpeg),
+        )
+
+    def stop(self, timeout: float = 1.0) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
 
 class _Rate:
@@ -140,9 +232,7 @@ class Broadcaster:
         self._frames: collections.OrderedDict[tuple[int, str], asyncio.Future[SharedFrame]] = (
             collections.OrderedDict()
         )
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            ENCODER_THREADS, thread_name_prefix="jpeg-encode"
-        )
+        self._encoder: Encoder | None = None
         self._ids = itertools.count(1)
         self.viewers: dict[int, Viewer] = {}
         self.subscribers: dict[int, Viewer] = {}
@@ -154,12 +244,14 @@ class Broadcaster:
 
     # -- wiring ----------------------------------------------------------------------------------
     def attach(self) -> None:
+        self._encoder = Encoder(self.hub)
         self.hub.add_listener(self._listener)
         self._ticker = self._loop.create_task(self._tick(), name="broadcast-ticker")
 
     def detach(self) -> None:
         self.hub.remove_listener(self._listener)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._encoder is not None:
+            self._encoder.stop()
 
     def close(self) -> None:
         """End every stream: waiters wake and see ``closed``. Runs on the event loop."""
@@ -221,20 +313,13 @@ class Broadcaster:
         key = (item.seq, effective_res(item, res))
         future = self._frames.get(key)
         if future is None:
-            future = self._loop.run_in_executor(self._executor, self._encode, item, key[1])
+            if self._encoder is None:
+                raise RuntimeError("the broadcaster is not attached")
+            future = self._encoder.submit(item, key[1])
             self._frames[key] = future
             self._prune(item.seq)
         # shield: a viewer leaving mid-encode must not cancel the frame the others await.
         return await asyncio.shield(future)
-
-    def _encode(self, item: Published, res: str) -> SharedFrame:
-        encoded = self.hub.jpeg(res, item)
-        if encoded is None:  # unreachable with an item given, but keep the type honest
-            raise RuntimeError("no frame to encode")
-        return SharedFrame(
-            encoded.seq, encoded.timestamp, res, encoded.width, encoded.height, encoded.jpeg,
-            make_part(encoded.seq, encoded.timestamp, encoded.jpeg),
-        )
 
     def _prune(self, seq: int) -> None:
         # Keep the last few frames: a viewer may still be awaiting the previous one.

@@ -80,8 +80,10 @@ def same_origin(request: Request) -> bool:
     return bool(parsed.netloc) and parsed.netloc.lower() == host.lower()
 
 
-def require_control(request: Request) -> None:
-    """Dependency of every mutating endpoint: same origin (else 403), the token (else 401)."""
+async def require_control(request: Request) -> None:
+    """Dependency of every mutating endpoint: same origin (else 403), the token (else 401).
+
+    ``async`` although it never awaits: FastAPI runs sync dependencies in its threadpool."""
     if not same_origin(request):
         raise HTTPException(403, "cross-origin requests may not change the dashboard")
     if not authorized(request):
@@ -93,7 +95,7 @@ def require_control(request: Request) -> None:
         )
 
 
-def require_view(request: Request) -> None:
+async def require_view(request: Request) -> None:
     """Dependency of the read-only views: open unless --protect-views (then ?token= works too,
     for <img> tags, ffmpeg and curl)."""
     if not request.app.state.settings.protect_views:

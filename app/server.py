@@ -15,7 +15,8 @@ import logging
 import signal
 import socket
 import threading
-from collections.abc import Generator
+from collections.abc import Callable, Generator
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -24,12 +25,15 @@ from fastapi import FastAPI
 from app.main import begin_shutdown, create_app
 from app.security import RedactTokens, ensure_token
 from inference.config import Settings
+from inference.outputs import OutputError
 from inference.runtime import Runtime, build_runtime
 
 log = logging.getLogger("app")
 
 EXIT_OK = 0
 EXIT_START = 1
+EXIT_INTERRUPTED = 130
+SEND_BUFFER = 256 * 1024
 # uvicorn cancels whatever request task is still running after this many seconds of shutdown;
 # our streams end well before (they watch the shutdown), this only bounds a stuck handler.
 GRACEFUL_SECONDS = 1
@@ -50,11 +54,14 @@ class DashboardServer(uvicorn.Server):
         super().__init__(config)
         self.app = app
         self.bound = threading.Event()
+        self.on_started: Callable[[], None] | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
             self.bound.set()
+            if self.on_started is not None:
+                self.on_started()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         begin_shutdown(self.app)
@@ -100,7 +107,9 @@ def _uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
 
 def create_server(runtime: Runtime, settings: Settings) -> DashboardServer:
     settings = ensure_token(settings)
-    logging.getLogger("uvicorn.access").addFilter(RedactTokens())
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactTokens) for f in access.filters):
+        access.addFilter(RedactTokens())
     app = create_app(runtime, settings)
     return DashboardServer(_uvicorn_config(app, settings), app)
 
@@ -111,6 +120,10 @@ def bind_socket(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM)
     # Lets a restarted dashboard take the port while old connections sit in TIME_WAIT.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted sockets inherit this. Autotuning lets a slow viewer's kernel buffer grow to MBs,
+    # i.e. seconds of stale 720p frames queued below us; a bounded buffer keeps it ~5 frames
+    # behind at worst, so it skips to the latest instead (still far above a LAN's bandwidth-delay).
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER)
     try:
         sock.bind((host, port))
     except OSError as exc:
@@ -190,10 +203,11 @@ class ServerThread:
 
 def run_in_thread(runtime: Runtime, settings: Settings) -> ServerThread:
     """Serve in a background thread (the Greengrass Lambda); returns once the port is bound."""
+    generated = not settings.token
     settings = ensure_token(settings)
     thread = ServerThread(create_server(runtime, settings))
     thread.start()
-    log_urls(settings, thread.port)
+    log_urls(settings, thread.port, generated)
     return thread
 
 
@@ -243,25 +257,55 @@ def serve(settings: Settings, parser: argparse.ArgumentParser) -> int:
 
     generated = not settings.token
     settings = ensure_token(settings)
-    check_start(settings, parser)
-    runtime = build_runtime(settings)
-    prepare(runtime.loop, parser)
     try:
+        # Before loading anything: a port in use should not cost a model load to find out.
         sock = bind_socket(settings.host, settings.port)
     except OSError as exc:
         log.error("cannot listen: %s", exc.strerror or exc)
         return EXIT_START
-    server = create_server(runtime, settings)
-    server.config.port = int(sock.getsockname()[1])
-    log_urls(settings, server.config.port, generated)
+    runtime: Runtime | None = None
+    server: DashboardServer | None = None
     try:
+        check_tls(settings, parser)
+        check_start(settings, parser)
+        try:
+            runtime = build_runtime(settings)
+        except OutputError as exc:
+            parser.error(str(exc))  # the message starts with the option to blame
+        prepare(runtime.loop, parser)
+        server = create_server(runtime, settings)
+        port = int(sock.getsockname()[1])
+        server.on_started = lambda: log_urls(settings, port, generated)
         server.run(sockets=[sock])
-    except KeyboardInterrupt:  # a second Ctrl-C during shutdown
-        pass
-    except SystemExit as exc:  # uvicorn exits this way when the lifespan fails to start
+    except KeyboardInterrupt:  # Ctrl-C while loading, or a second one during shutdown
+        return EXIT_INTERRUPTED if server is None or not server.started else EXIT_OK
+    except SystemExit as exc:
+        if runtime is None or exc.code == 2:
+            raise  # parser.error: usage exit
+        # uvicorn exits this way when the lifespan fails to start
         log.error("the dashboard could not start")
         return int(exc.code) if isinstance(exc.code, int) else EXIT_START
     finally:
-        runtime.stop()
+        if runtime is not None:
+            runtime.stop()
         sock.close()
-    return EXIT_OK if server.started else EXIT_START
+    return EXIT_OK if server is not None and server.started else EXIT_START
+
+
+def check_tls(settings: Settings, parser: argparse.ArgumentParser) -> None:
+    """Refuse at start a TLS option that cannot work, naming it (uvicorn would raise later)."""
+    import ssl
+
+    if settings.ssl_keyfile and not settings.ssl_certfile:
+        parser.error("--ssl-keyfile: give --ssl-certfile too")
+    if not settings.ssl_certfile:
+        return
+    for option, path in (("--ssl-certfile", settings.ssl_certfile), ("--ssl-keyfile", settings.ssl_keyfile)):
+        if path and not Path(path).is_file():
+            parser.error(f"{option}: file not found: {path}")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            settings.ssl_certfile, settings.ssl_keyfile or None
+        )
+    except (ssl.SSLError, OSError) as exc:
+        parser.error(f"--ssl-certfile: cannot use {settings.ssl_certfile}: {exc}")

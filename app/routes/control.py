@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from typing import Any, Literal
@@ -10,6 +9,7 @@ from typing import Any, Literal
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 
+from app.broadcast import call_in_thread
 from app.routes import PrettyJSONResponse, field_error, runtime_of
 from app.security import COOKIE_NAME, authorized, cookie_value, require_control, require_view
 from inference import RESOLUTION_NAMES
@@ -107,7 +107,7 @@ async def patch_config(request: Request) -> Response:
     async with request.app.state.config_lock:
         try:
             # Loading a model or opening a camera blocks for a while: not on the event loop.
-            settings = await asyncio.to_thread(runtime.apply, changes)
+            settings = await call_in_thread("settings-apply", runtime.apply, changes)
         except Exception as exc:
             field = _blame(exc, changes)
             log.warning("settings change refused (%s): %s", field, exc)
@@ -163,9 +163,9 @@ def _blame(exc: Exception, changes: dict[str, Any]) -> str:
 async def pipeline(request: Request, action: PipelineAction) -> PrettyJSONResponse:
     loop = runtime_of(request).loop
     if action == "start":
-        await asyncio.to_thread(loop.start)
+        await call_in_thread("pipeline-start", loop.start)
     elif action == "stop":
-        await asyncio.to_thread(loop.stop)  # joins the loop thread: up to 2 s
+        await call_in_thread("pipeline-stop", loop.stop)  # joins the loop thread: up to 2 s
     elif action == "pause":
         loop.pause()
     else:

@@ -92,7 +92,12 @@ async def _parts(broadcaster: Broadcaster, viewer: Viewer, res: str) -> AsyncIte
         if item is None or (not newer and time.monotonic() < deadline):
             continue
         # Not newer past the deadline: the same frame again keeps viewers and proxies alive.
-        frame = await broadcaster.frame(item, res)
+        try:
+            frame = await broadcaster.frame(item, res)
+        except Exception as exc:  # one bad frame must not end the stream; wait for the next
+            log.warning("encoding frame %d at %s failed: %s", item.seq, res, exc)
+            last_seq, last_sent = max(last_seq, item.seq), time.monotonic()
+            continue
         broadcaster.record_sent(viewer, frame.seq)
         last_seq, last_sent = max(last_seq, item.seq), time.monotonic()
         yield frame.part

@@ -3,11 +3,16 @@
 ``mplayer -demuxer lavf -lavfdopts format=mjpeg:probesize=32 /tmp/results.mjpeg`` and
 ``ffmpeg -f mjpeg -i /tmp/results.mjpeg`` play it, as they played the seed's ``LocalDisplay``.
 
-Unlike the seed, the writer never blocks anyone: the FIFO is opened with ``O_NONBLOCK`` (ENXIO
-means no reader yet, so it polls a few times a second), each new frame is written once, a full
-pipe drops frames instead of stalling, and a reader that leaves (EPIPE) sends the writer back to
-waiting for the next one. The JPEG is the hub's shared encode, so HTTP viewers at the same
-resolution cost no second encode.
+Unlike the seed, the writer never blocks anyone and never spins:
+- the FIFO is opened with ``O_NONBLOCK``; ENXIO means no reader yet, so it polls ~4 times a second;
+- each new frame is written once (the hub's sequence number), none while nothing changes;
+- a reader that falls behind makes frames drop: a frame is only started when the pipe holds less
+  than about one frame, so the stream stays fresh and the loop never waits;
+- a frame already started is always finished (a half JPEG followed by the next one would corrupt
+  the reader's stream): the rest waits, without blocking, until the reader makes room or leaves;
+- a reader that leaves (EPIPE, or POLLERR while idle) sends the writer back to waiting for the next.
+
+The JPEG is the hub's shared encode, so HTTP viewers at the same resolution cost no second encode.
 """
 
 from __future__ import annotations
@@ -31,9 +36,8 @@ from inference.outputs import OutputError
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.25  # reader polling and idle wake-ups: ~4 Hz, ~0 CPU
-WRITE_TIMEOUT = 1.0  # a reader that takes longer to accept the rest of one JPEG is dropped
-PIPE_SIZE = 1 << 20  # room for a few 1080p JPEGs, so a briefly slow reader costs no frame
-_PAGE = 4096
+PIPE_SIZE = 1 << 20  # a whole 1080p JPEG fits behind one unread frame: partial writes stay rare
+MIN_BACKLOG = 64 * 1024  # a reader with less than this unread is keeping up
 
 
 def check_path(path: str) -> bool:
@@ -53,34 +57,42 @@ def check_path(path: str) -> bool:
     return True
 
 
+def _unread_bytes(fd: int) -> int | None:
+    """Bytes written to the pipe and not yet read (Linux FIONREAD works on the write end too)."""
+    fionread = getattr(termios, "FIONREAD", None)
+    if fionread is None:
+        return None
+    try:
+        return int.from_bytes(fcntl.ioctl(fd, fionread, bytes(4)), sys.byteorder)
+    except OSError:
+        return None
+
+
 class FifoWriter:
     name = "fifo"
 
     def __init__(
-        self,
-        path: str,
-        hub: FrameHub,
-        res: str = "480p",
-        poll_interval: float = POLL_INTERVAL,
-        write_timeout: float = WRITE_TIMEOUT,
+        self, path: str, hub: FrameHub, res: str = "480p", poll_interval: float = POLL_INTERVAL
     ) -> None:
         self.path = path
         self.hub = hub
         self.res = res
         self.poll_interval = poll_interval
-        self.write_timeout = write_timeout
         check_path(path)  # refuse a regular file at build time, before anything starts
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._fd: int | None = None
+        self._pending: memoryview | None = None  # the unwritten rest of a frame already started
+        self._pending_size = 0
         self._state = "stopped"
         self._problem: str | None = None
         self.frames_written = 0
         self.bytes_written = 0
-        self.frames_dropped = 0  # pipe full: the reader is behind
+        self.frames_dropped = 0  # not written because the reader was behind
+        self.frames_skipped = 0  # published while the writer was busy (any cause)
+        self.partial_writes = 0  # frames finished later, when the reader made room
         self.readers = 0  # readers served since start
-        self.readers_dropped = 0  # stuck in the middle of a frame for longer than write_timeout
         self.open_attempts = 0
         self.errors = 0
         self.last_error: str | None = None
@@ -113,8 +125,6 @@ class FifoWriter:
     def health(self) -> tuple[bool, str]:
         if self._problem:
             return False, self._problem
-        if self._state == "stopped":
-            return True, f"{self.path}: stopped"
         return True, f"{self.path}: {self._state}"
 
     def stats(self) -> dict[str, Any]:
@@ -126,8 +136,9 @@ class FifoWriter:
             "frames_written": self.frames_written,
             "bytes_written": self.bytes_written,
             "frames_dropped": self.frames_dropped,
+            "frames_skipped": self.frames_skipped,
+            "partial_writes": self.partial_writes,
             "readers": self.readers,
-            "readers_dropped": self.readers_dropped,
             "open_attempts": self.open_attempts,
             "errors": self.errors,
             "last_error": self.last_error,
@@ -148,22 +159,27 @@ class FifoWriter:
                     if not self._open():
                         stop.wait(self.poll_interval)
                         continue
-                    # A new reader gets the latest frame at once, even from a paused loop.
-                    seq = 0
+                    seq = 0  # a new reader gets the latest frame at once, even from a paused loop
                     checked = time.monotonic()
+                if time.monotonic() - checked >= self.poll_interval:
+                    checked = time.monotonic()
+                    if not self._reader_still_there():
+                        continue
+                if self._pending is not None:
+                    self._flush_pending()
+                    continue
                 if self.hub.closed:
                     stop.wait(self.poll_interval)
                     continue
                 item = self.hub.wait_newer(seq, self.poll_interval)
-                if item is None or time.monotonic() - checked >= self.poll_interval:
-                    checked = time.monotonic()
-                    self._check_reader()
-                if item is None or self._fd is None:
+                if item is None:
                     continue
+                if seq:
+                    self.frames_skipped += item.seq - seq - 1
                 seq = item.seq
                 encoded = self.hub.jpeg(self.res, item)
                 if encoded is not None:
-                    self._write_frame(encoded.jpeg, stop)
+                    self._write_frame(encoded.jpeg)
             except Exception as exc:  # the writer must outlive any one bad frame
                 self.errors += 1
                 self.last_error = str(exc) or type(exc).__name__
@@ -184,8 +200,7 @@ class FifoWriter:
         """Open the FIFO for writing if a reader is there; never waits for one."""
         try:
             if not check_path(self.path):
-                # Deleted while running (a tmp cleaner): ours to make again.
-                self._mkfifo()
+                self._mkfifo()  # deleted while running (a tmp cleaner): ours to make again
         except OutputError as exc:
             self._degrade(exc.message)
             return False
@@ -204,7 +219,12 @@ class FifoWriter:
             os.close(fd)
             self._degrade(f"{self.path} is no longer a FIFO; writing stopped, file left untouched")
             return False
-        self._grow_pipe(fd)
+        setsz = getattr(fcntl, "F_SETPIPE_SZ", None)
+        if setsz is not None:
+            try:
+                fcntl.fcntl(fd, setsz, PIPE_SIZE)
+            except OSError:
+                pass  # over /proc/sys/fs/pipe-max-size: the default 64 KiB works, less smoothly
         with self._lock:
             self._fd = fd
         self._problem = None
@@ -219,101 +239,85 @@ class FifoWriter:
         self._problem = message
         self._state = "stopped: path is not a FIFO"
 
-    @staticmethod
-    def _grow_pipe(fd: int) -> None:
-        setsz = getattr(fcntl, "F_SETPIPE_SZ", None)
-        if setsz is None:
-            return
-        try:
-            fcntl.fcntl(fd, setsz, PIPE_SIZE)
-        except OSError:
-            pass  # above /proc/sys/fs/pipe-max-size: the default 64 KiB still works, with more drops
-
-    def _free_space(self, fd: int) -> int | None:
-        """Bytes the pipe can take now without a partial write, or None when unknown."""
-        getsz = getattr(fcntl, "F_GETPIPE_SZ", None)
-        fionread = getattr(termios, "FIONREAD", None)
-        if getsz is None or fionread is None:
-            return None
-        try:
-            size = fcntl.fcntl(fd, getsz)
-            queued = int.from_bytes(fcntl.ioctl(fd, fionread, bytes(4)), sys.byteorder)
-        except OSError:
-            return None
-        # The kernel counts pages, not bytes: a half-read head page still takes a whole slot.
-        return size - queued - 2 * _PAGE
-
-    def _check_reader(self) -> None:
-        """While idle, notice a reader that left (POLLERR) and a path replaced by a file."""
+    def _reader_still_there(self) -> bool:
+        """Notice a reader that left (POLLERR on the write end) and a path no longer a FIFO."""
         fd = self._fd
         if fd is None:
-            return
+            return False
         poller = select.poll()
-        poller.register(fd, select.POLLERR | select.POLLHUP)
-        if poller.poll(0):
+        poller.register(fd, select.POLLERR)
+        if any(ev & select.POLLERR for _, ev in poller.poll(0)):
             log.info("project stream: the reader left %s", self.path)
             self._close()
-            return
+            return False
         try:
             check_path(self.path)
         except OutputError as exc:
             self._close()
-            self._degrade(exc.message)
+            self._degrade(f"{exc.message}; writing stopped, file left untouched")
+            return False
+        return True
 
-    def _write_frame(self, data: bytes, stop: threading.Event) -> None:
+    def _write_frame(self, data: bytes) -> None:
         fd = self._fd
         if fd is None:
             return
-        free = self._free_space(fd)
-        if free is not None and free < len(data):
-            self.frames_dropped += 1  # the reader is behind: skip this frame, keep the stream whole
+        unread = _unread_bytes(fd)
+        if unread is not None and unread > max(len(data), MIN_BACKLOG):
+            self.frames_dropped += 1  # the reader is behind: skip this frame, stay fresh
             return
-        view = memoryview(data)
         try:
-            written = os.write(fd, view)
+            written = os.write(fd, data)
         except BlockingIOError:
-            self.frames_dropped += 1
+            self.frames_dropped += 1  # full, nothing of this frame went in
             return
         except BrokenPipeError:
             log.info("project stream: the reader left %s", self.path)
             self._close()
             return
-        if written < len(data) and not self._finish(fd, view[written:], stop):
+        if written < len(data):
+            self.partial_writes += 1
+            self._pending = memoryview(data)[written:]
+            self._pending_size = len(data)
             return
-        self.frames_written += 1
-        self.bytes_written += len(data)
+        self._count(len(data))
 
-    def _finish(self, fd: int, rest: memoryview, stop: threading.Event) -> bool:
-        """Write the rest of a frame already started: a half JPEG followed by the next one
-        would corrupt the reader's stream, so either it all goes or the reader is dropped."""
+    def _flush_pending(self) -> None:
+        """Write more of the started frame when the reader makes room; wait at most one poll
+        interval for that, so stop and a departed reader are noticed."""
+        fd, rest = self._fd, self._pending
+        if fd is None or rest is None:
+            return
         poller = select.poll()
         poller.register(fd, select.POLLOUT | select.POLLERR)
-        deadline = time.monotonic() + self.write_timeout
-        while rest:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or stop.is_set():
-                self.readers_dropped += 1
-                log.warning(
-                    "project stream: reader of %s stuck mid-frame for %.1f s; dropping it",
-                    self.path, self.write_timeout,
-                )
-                self._close()
-                return False
-            if not poller.poll(min(remaining, 0.1) * 1000):
-                continue
-            try:
-                rest = rest[os.write(fd, rest):]
-            except BlockingIOError:
-                continue
-            except BrokenPipeError:
-                log.info("project stream: the reader left %s mid-frame", self.path)
-                self._close()
-                return False
-        return True
+        events = poller.poll(self.poll_interval * 1000)
+        if any(ev & select.POLLERR for _, ev in events):
+            log.info("project stream: the reader left %s mid-frame", self.path)
+            self._close()
+            return
+        if not events:
+            return
+        try:
+            rest = rest[os.write(fd, rest):]
+        except BlockingIOError:
+            return
+        except BrokenPipeError:
+            self._close()
+            return
+        if rest:
+            self._pending = rest
+        else:
+            self._pending = None
+            self._count(self._pending_size)
+
+    def _count(self, size: int) -> None:
+        self.frames_written += 1
+        self.bytes_written += size
 
     def _close(self) -> None:
         with self._lock:
             fd, self._fd = self._fd, None
+            self._pending = None
         if fd is not None:
             try:
                 os.close(fd)

@@ -31,7 +31,7 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 message_log = logging.getLogger("inference.iot.messages")
 
 MAX_MESSAGE_BYTES = 128 * 1024  # the AWS IoT message size limit
+OFFLINE_QUEUE = 32  # QoS 1 status messages paho keeps while disconnected
 QUEUE_SIZE = 64
 RECENT_MESSAGES = 20
 ERROR_REPEAT_SECONDS = 60.0  # the same error goes out again at most this often
@@ -80,8 +81,9 @@ class Publisher(Protocol):
 
     def start(self) -> None: ...
 
-    def publish(self, topic: str, payload: bytes) -> None:
-        """Send one message or raise (PublishOffline when merely disconnected)."""
+    def publish(self, topic: str, payload: bytes, important: bool = False) -> bool:
+        """Send one message: True when sent, False when queued until a connection is back
+        (``important`` messages only); raises PublishOffline when dropped for lack of one."""
         ...
 
     def status(self) -> tuple[bool, str]: ...
@@ -104,9 +106,10 @@ class GreengrassPublisher:
     def start(self) -> None:
         pass
 
-    def publish(self, topic: str, payload: bytes) -> None:
+    def publish(self, topic: str, payload: bytes, important: bool = False) -> bool:
         # bytes: a str payload breaks the SDK's IPC call under Python 3.
         self._client.publish(topic=topic, payload=payload)
+        return True
 
     def status(self) -> tuple[bool, str]:
         return True, "Greengrass core IPC"
@@ -123,9 +126,10 @@ class LogPublisher:
     def start(self) -> None:
         pass
 
-    def publish(self, topic: str, payload: bytes) -> None:
+    def publish(self, topic: str, payload: bytes, important: bool = False) -> bool:
         text = payload.decode("utf-8", errors="replace")
         message_log.info("%s", json.dumps({"topic": topic, "payload": text}))
+        return True
 
     def status(self) -> tuple[bool, str]:
         return True, "JSON lines in the log"
@@ -140,8 +144,8 @@ class NullPublisher:
     def start(self) -> None:
         pass
 
-    def publish(self, topic: str, payload: bytes) -> None:
-        pass
+    def publish(self, topic: str, payload: bytes, important: bool = False) -> bool:
+        return True
 
     def status(self) -> tuple[bool, str]:
         return True, "off"
@@ -171,6 +175,7 @@ class MqttPublisher:
     ) -> None:
         try:
             import paho.mqtt.client as mqtt
+            from paho.mqtt.enums import CallbackAPIVersion
         except ImportError as exc:
             raise OutputError("--mqtt", f"needs the paho-mqtt package ({exc})") from None
         self._mqtt = mqtt
@@ -191,13 +196,13 @@ class MqttPublisher:
         self.connects = 0
         self.disconnects = 0
 
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id)
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id)
         if self.tls:
             for option, path in (("--mqtt-ca", ca), ("--mqtt-cert", cert), ("--mqtt-key", key)):
                 if path and not Path(path).is_file():
                     raise OutputError(option, f"file not found: {path}")
             if bool(cert) != bool(key):
-                raise OutputError("--mqtt-cert", "a client certificate needs --mqtt-key too (and back)")
+                raise OutputError("--mqtt-cert", "--mqtt-cert and --mqtt-key go together")
             try:
                 client.tls_set(ca_certs=ca or None, certfile=cert or None, keyfile=key or None)
             except Exception as exc:  # bad PEM, wrong key: ssl raises its own error types
@@ -207,9 +212,12 @@ class MqttPublisher:
             log.warning("--mqtt-ca/--mqtt-cert/--mqtt-key are ignored for %s (use mqtts://)", self.url)
         client.will_set(self.availability, "offline", qos=1, retain=True)
         client.reconnect_delay_set(min_delay=min_delay, max_delay=max_delay)
+        client.max_queued_messages_set(OFFLINE_QUEUE)
         client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         self._client = client
+        self._unreachable_logged = False
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         if getattr(reason, "is_failure", False):
@@ -217,10 +225,18 @@ class MqttPublisher:
             log.warning("MQTT %s refused the connection: %s", self.url, reason)
             return
         self.connects += 1
+        self._unreachable_logged = False
         self._connected.set()
         self._last_reason = "connected"
         client.publish(self.availability, "online", qos=1, retain=True)
         log.info("MQTT connected to %s (availability on %s)", self.url, self.availability)
+
+    def _on_connect_fail(self, client: Any, userdata: Any) -> None:
+        self._last_reason = "broker unreachable; retrying with backoff"
+        # Once per outage: a broker that stays away must not fill the log.
+        if not self._unreachable_logged:
+            self._unreachable_logged = True
+            log.warning("MQTT broker %s unreachable; retrying with backoff", self.url)
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         was = self._connected.is_set()
@@ -242,23 +258,45 @@ class MqttPublisher:
         self._client.loop_start()
         log.info("MQTT publishing to %s as %r", self.url, self.client_id)
 
-    def publish(self, topic: str, payload: bytes) -> None:
+    def publish(self, topic: str, payload: bytes, important: bool = False) -> bool:
         mqtt = self._mqtt
-        if not self._connected.is_set():
-            raise PublishOffline(f"not connected to {self.url}")
-        info = self._client.publish(topic, payload, qos=0)
+        if important:
+            # Status lines ('Loading ... model', errors) at QoS 1: paho keeps them (bounded by
+            # max_queued_messages) while the broker is away and sends them on connect.
+            info = self._client.publish(topic, payload, qos=1)
+            if info.rc == mqtt.MQTT_ERR_NO_CONN:
+                return False
+        else:
+            if not self._connected.is_set():
+                raise PublishOffline(f"not connected to {self.url}")
+            info = self._client.publish(topic, payload, qos=0)
         if info.rc == mqtt.MQTT_ERR_NO_CONN:
             raise PublishOffline(f"not connected to {self.url}")
+        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
+            raise PublishOffline(f"not connected to {self.url} and its offline queue is full")
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise RuntimeError(f"MQTT publish failed: {mqtt.error_string(info.rc)}")
         # Waiting for the socket write keeps paho's own outgoing buffer from growing without
-        # bound behind a slow link; the bounded queue in front of us absorbs the wait.
+        # bound behind a slow link; the bounded queue in front of us absorbs the wait. A lost
+        # connection ends the wait early.
+        deadline = time.monotonic() + self.send_timeout
         try:
-            info.wait_for_publish(self.send_timeout)
-        except RuntimeError as exc:
-            raise PublishOffline(str(exc)) from None
+            while not info.is_published() and self._connected.is_set():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise RuntimeError(f"MQTT message not sent within {self.send_timeout:.0f} s")
+                info.wait_for_publish(min(0.1, remaining))
+        except (RuntimeError, ValueError) as exc:
+            if self._connected.is_set():
+                raise
+            if important:
+                return False
+            raise PublishOffline(f"connection to {self.url} lost: {exc}") from None
         if not info.is_published():
-            raise RuntimeError(f"MQTT message not sent within {self.send_timeout:.0f} s")
+            if important:
+                return False  # paho still holds it for the next connection
+            raise PublishOffline(f"connection to {self.url} lost")
+        return True
 
     def status(self) -> tuple[bool, str]:
         if self._connected.is_set():
@@ -313,6 +351,7 @@ def make_publisher(settings: Settings, thing: str) -> Publisher:
 class _Job:
     item: Published | None = None  # an inference to publish
     text: str | None = None  # or a status line, as the seed's 'Loading ... model'
+    error: str | None = None  # or an error, sent as the seed's 'Error in ...: <error>'
 
 
 class _RateLimitedLog:
@@ -337,8 +376,10 @@ class IotOutput:
         publisher: Publisher,
         thing: str | None = None,
         queue_size: int = QUEUE_SIZE,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.hub = hub
+        self._clock = clock  # the rate limit's clock; tests pass their own
         self.publisher = publisher
         self.thing = thing or resolve_thing_name(settings)
         self.topic = infer_topic(self.thing)
@@ -354,6 +395,7 @@ class IotOutput:
         self._thread: threading.Thread | None = None
         self._rl = _RateLimitedLog()
         self._announced_model: str | None = None
+        self._loading_announced = False
         self._error_sent: dict[str, float] = {}
         self._last_labels: frozenset[str] | None = None
         self._last_sent = -1e9
@@ -361,6 +403,7 @@ class IotOutput:
         self.sent = 0
         self.dropped_queue = 0
         self.dropped_offline = 0
+        self.queued_offline = 0
         self.errors = 0
         self.refused_too_large = 0
         self.skipped_rate = 0
@@ -374,7 +417,7 @@ class IotOutput:
             return
         self._stop = threading.Event()
         self.publisher.start()
-        self.status(f"Loading {self._display_model_name()} model")
+        self.announce_loading()
         self.hub.add_listener(self._on_hub)
         self._thread = threading.Thread(
             target=self._run, args=(self._stop,), name="iot-publisher", daemon=True
@@ -420,6 +463,7 @@ class IotOutput:
             "status_messages": self.status_messages,
             "dropped_queue": self.dropped_queue,
             "dropped_offline": self.dropped_offline,
+            "queued_offline": self.queued_offline,
             "errors": self.errors,
             "refused_too_large": self.refused_too_large,
             "skipped_rate": self.skipped_rate,
@@ -445,9 +489,16 @@ class IotOutput:
         """Queue a plain-text status line on the topic, as the seed's 'Cat-Dog model loaded'."""
         self._put(_Job(text=text))
 
-    def error(self, where: str, exc: object) -> None:
-        """The seed's error message: ``Error in <where>: <exception>``."""
-        self.status(f"Error in {where}: {exc}")
+    def announce_loading(self) -> None:
+        """The seed's 'Loading ... model' line, once; the Lambda calls it before loading."""
+        if not self._loading_announced:
+            self._loading_announced = True
+            self.status(f"Loading {self._display_model_name()} model")
+
+    def report_error(self, error: str) -> None:
+        """Queue the seed's ``Error in ...: <error>``; the same text as a frame's error (e.g.
+        'model not loaded: ...') goes out once, not once from here and once per frame."""
+        self._put(_Job(error=error))
 
     # -- the loop's side: hand off only ----------------------------------------------------------
     def _on_hub(self, seq: int) -> None:
@@ -479,6 +530,8 @@ class IotOutput:
                     self._handle(job.item)
                 elif job.text is not None:
                     self._send(job.text.encode("utf-8"), status=True)
+                elif job.error is not None:
+                    self._report_error(job.error)
             except Exception as exc:  # nothing a message does may end the publisher
                 self.errors += 1
                 self.last_error = str(exc) or type(exc).__name__
@@ -499,7 +552,7 @@ class IotOutput:
         if self._on_change and labels == self._last_labels:
             self.skipped_unchanged += 1
             return
-        now = time.monotonic()
+        now = self._clock()
         if self._max_rate > 0 and now - self._last_sent < 1.0 / self._max_rate:
             self.skipped_rate += 1
             return
@@ -509,7 +562,7 @@ class IotOutput:
             self._last_labels = labels
 
     def _report_error(self, error: str) -> None:
-        now = time.monotonic()
+        now = self._clock()
         if now - self._error_sent.get(error, -1e9) < ERROR_REPEAT_SECONDS:
             return
         if len(self._error_sent) > 100:
@@ -527,7 +580,7 @@ class IotOutput:
             self._remember(payload, outcome)
             return False
         try:
-            self.publisher.publish(self.topic, payload)
+            sent_now = self.publisher.publish(self.topic, payload, important=status)
         except PublishOffline as exc:
             self.dropped_offline += 1
             self._remember(payload, f"dropped: {exc}")
@@ -540,8 +593,12 @@ class IotOutput:
                      self.publisher.name, self.last_error)
             self._remember(payload, f"error: {self.last_error}")
             return False
-        self.sent += 1
         self._last_ok = True
+        if not sent_now:
+            self.queued_offline += 1
+            self._remember(payload, "queued until connected")
+            return True
+        self.sent += 1
         self._remember(payload, "sent")
         return True
 

@@ -1,0 +1,215 @@
+"""``/health``, ``/api/stats``, ``/metrics`` and ``/api/iot/messages``: how the device is doing."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from app.broadcast import Broadcaster
+from app.routes import PrettyJSONResponse, runtime_of
+from app.security import require_view
+from inference.runtime import Runtime
+
+router = APIRouter(tags=["health"])
+
+STALL_SECONDS = 5.0  # a running loop without a frame this long is a stalled camera
+MODEL_ERROR_WINDOW = 30.0
+
+
+def _broadcaster(request: Request) -> Broadcaster | None:
+    return getattr(request.app.state, "broadcaster", None)
+
+
+class ModelErrorWatch:
+    """Remembers when the model error count last grew, so /health reports recent errors only."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.changed = 0.0
+
+    def recent(self, count: int) -> bool:
+        now = time.monotonic()
+        if count != self.count:
+            self.count, self.changed = count, now
+        return count > 0 and now - self.changed < MODEL_ERROR_WINDOW
+
+
+def health_report(runtime: Runtime, watch: ModelErrorWatch) -> dict[str, Any]:
+    loop = runtime.loop
+    stats = loop.stats
+    state = loop.state.value
+    reasons: list[str] = []
+
+    camera: dict[str, Any] = {"ok": True, "consecutive_failures": stats.consecutive_failures,
+                              "last_error": stats.last_capture_error}
+    if stats.consecutive_failures:
+        camera["ok"] = False
+        reasons.append(f"camera: {stats.last_capture_error or 'no frame'} "
+                       f"({stats.consecutive_failures} failed reads in a row)")
+    elif state == "running" and stats.last_frame_time:
+        age = time.time() - stats.last_frame_time
+        if age > STALL_SECONDS:
+            camera["ok"] = False
+            reasons.append(f"camera: no frame for {age:.0f} s")
+
+    model_info = loop.model.info.to_json() if loop.model else None
+    model: dict[str, Any] = {"ok": True, "model": model_info, "errors": stats.model_errors,
+                             "last_error": stats.last_model_error}
+    if stats.model_load_error or loop.model is None:
+        model["ok"] = False
+        reasons.append(f"model: not loaded: {stats.model_load_error or 'no model'}")
+    elif watch.recent(stats.model_errors):
+        model["ok"] = False
+        reasons.append(f"model: errors in the last {MODEL_ERROR_WINDOW:.0f} s: {stats.last_model_error}")
+
+    outputs: dict[str, Any] = {}
+    for output in runtime.outputs:
+        try:
+            ok, message = output.health()
+        except Exception as exc:  # a broken health check is itself unhealthy, not a 500
+            ok, message = False, f"health check failed: {exc}"
+        outputs[output.name] = {"ok": ok, "message": message}
+        if not ok:
+            reasons.append(f"outputs: {output.name}: {message}")
+
+    if state == "stopped":
+        reasons.append("pipeline: stopped")
+    return {
+        "status": "degraded" if reasons else "ok",
+        "reasons": reasons,
+        "state": state,
+        "checks": {"camera": camera, "model": model, "outputs": outputs},
+    }
+
+
+@router.get("/health", response_class=PrettyJSONResponse, summary="ok or degraded, with the reasons")
+async def health(request: Request) -> PrettyJSONResponse:
+    """Always 200 while the server answers; ``status`` is ``ok`` or ``degraded`` and ``reasons``
+    names the part (camera, model, outputs, pipeline)."""
+    return PrettyJSONResponse(health_report(runtime_of(request), request.app.state.model_watch))
+
+
+def stats_report(runtime: Runtime, broadcaster: Broadcaster | None) -> dict[str, Any]:
+    loop, hub = runtime.loop, runtime.hub
+    viewers = list(broadcaster.viewers.values()) if broadcaster else []
+    subscribers = list(broadcaster.subscribers.values()) if broadcaster else []
+    outputs: dict[str, Any] = {}
+    for output in runtime.outputs:
+        try:
+            outputs[output.name] = output.stats()
+        except Exception as exc:
+            outputs[output.name] = {"error": str(exc)}
+    encodes = dict(hub.encodes)
+    total = sum(encodes.values())
+    return {
+        "state": loop.state.value,
+        "capture_fps": round(broadcaster.publish_rate.per_second(), 2) if broadcaster else 0.0,
+        "inference_fps": round(loop.stats.fps, 2),
+        "delivered_fps": round(broadcaster.delivered.per_second(), 2) if broadcaster else 0.0,
+        "frames": loop.stats.frames,
+        "published": hub.published,
+        "seq": hub.seq,
+        "stage_ms": {k: round(v, 3) for k, v in loop.stats.stage_ms.items()},
+        "model_errors": loop.stats.model_errors,
+        "capture_failures": loop.stats.capture_failures,
+        "jpeg": {
+            "encodes": encodes,
+            "encodes_total": total,
+            "encode_ms_avg": round(hub.encode_seconds * 1000 / total, 3) if total else 0.0,
+        },
+        "frames_sent": broadcaster.frames_sent if broadcaster else 0,
+        "frames_skipped": broadcaster.skipped_total if broadcaster else 0,
+        "viewers_rejected": broadcaster.rejected if broadcaster else 0,
+        "viewers": [v.to_json() for v in viewers],
+        "event_subscribers": len(subscribers),
+        "outputs": outputs,
+    }
+
+
+@router.get("/api/stats", response_class=PrettyJSONResponse, summary="Rates, encodes and viewers",
+            dependencies=[Depends(require_view)])
+async def api_stats(request: Request) -> PrettyJSONResponse:
+    """Capture, inference and delivered fps; JPEG encodes per resolution; each viewer with its
+    fps and the frames it skipped; the outputs' own stats."""
+    return PrettyJSONResponse(stats_report(runtime_of(request), _broadcaster(request)))
+
+
+class DashboardCollector:
+    """Reads the runtime at scrape time: no counters to keep in step with the loop."""
+
+    def __init__(self, runtime: Runtime, app_state: Any) -> None:
+        self.runtime = runtime
+        self.app_state = app_state
+
+    def collect(self) -> Iterator[Metric]:
+        loop, hub = self.runtime.loop, self.runtime.hub
+        stats = loop.stats
+        broadcaster: Broadcaster | None = getattr(self.app_state, "broadcaster", None)
+
+        yield CounterMetricFamily("deeplens_frames", "Frames processed by the loop", stats.frames)
+        yield CounterMetricFamily("deeplens_model_errors", "Frames the model failed on",
+                                  stats.model_errors)
+        yield CounterMetricFamily("deeplens_capture_failures", "Failed frame reads",
+                                  stats.capture_failures)
+        yield GaugeMetricFamily("deeplens_inference_fps", "Loop frames per second", stats.fps)
+        stage = GaugeMetricFamily("deeplens_stage_ms", "Average milliseconds per stage",
+                                  labels=["stage"])
+        for name, ms in stats.stage_ms.items():
+            stage.add_metric([name], ms)
+        yield stage
+        encodes = CounterMetricFamily("deeplens_jpeg_encodes", "JPEG encodes by resolution",
+                                      labels=["res"])
+        for res, count in hub.encodes.items():
+            encodes.add_metric([res], count)
+        yield encodes
+        state = GaugeMetricFamily("deeplens_pipeline_state", "1 for the current state",
+                                  labels=["state"])
+        current = loop.state.value
+        for name in ("running", "paused", "stopped"):
+            state.add_metric([name], 1.0 if name == current else 0.0)
+        yield state
+        viewers = len(broadcaster.viewers) if broadcaster else 0
+        subscribers = len(broadcaster.subscribers) if broadcaster else 0
+        yield GaugeMetricFamily("deeplens_viewers", "Connected MJPEG viewers", viewers)
+        yield GaugeMetricFamily("deeplens_event_subscribers", "Connected SSE subscribers", subscribers)
+        yield CounterMetricFamily("deeplens_frames_sent", "MJPEG parts sent to viewers",
+                                  broadcaster.frames_sent if broadcaster else 0)
+        yield CounterMetricFamily("deeplens_frames_skipped", "Frames viewers skipped (slow or capped)",
+                                  broadcaster.skipped_total if broadcaster else 0)
+        healthy = GaugeMetricFamily("deeplens_output_healthy", "1 when the output is healthy",
+                                    labels=["output"])
+        for output in self.runtime.outputs:
+            try:
+                ok = output.health()[0]
+            except Exception:
+                ok = False
+            healthy.add_metric([output.name], 1.0 if ok else 0.0)
+        yield healthy
+
+
+def make_registry(runtime: Runtime, app_state: Any) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(DashboardCollector(runtime, app_state))
+    return registry
+
+
+@router.get("/metrics", response_class=Response, summary="Prometheus text format",
+            responses={200: {"content": {"text/plain": {}}}})
+async def metrics(request: Request) -> Response:
+    return Response(generate_latest(request.app.state.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/api/iot/messages", response_class=PrettyJSONResponse, summary="The last IoT messages",
+            dependencies=[Depends(require_view)])
+async def iot_messages(request: Request) -> PrettyJSONResponse:
+    """The IoT output's recent messages (topic, payload, time), newest last; [] without one."""
+    for output in runtime_of(request).outputs:
+        recent = getattr(output, "recent_messages", None)
+        if callable(recent):
+            return PrettyJSONResponse(list(recent()))
+    return PrettyJSONResponse([])

@@ -1,0 +1,678 @@
+"""The IoT output: the seed's payload on ``$aws/things/<thing>/infer`` through a real mosquitto
+broker, the fake Greengrass SDK and the log; drops, errors and limits counted, never blocking."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from inference.config import Settings
+from inference.hub import FrameHub
+from inference.outputs import OutputError, build_outputs
+from inference.outputs.iot import (
+    MAX_MESSAGE_BYTES,
+    QUEUE_SIZE,
+    GreengrassPublisher,
+    IotOutput,
+    LogPublisher,
+    MqttPublisher,
+    PublishOffline,
+    availability_topic,
+    infer_topic,
+    make_publisher,
+    resolve_thing_name,
+)
+from inference.result import Item, Result
+from inference.runtime import Runtime
+from inference.sources.synthetic import SyntheticSource
+from inference.types import ModelInfo
+from tests.conftest import ROOT, free_port, require_tool
+from tests.test_fifo import _StubModel, wait_for
+
+STUB = ModelInfo("stub", "classification", 8, 8, "test", {0: "dog", 1: "cat"})
+IMAGE = np.zeros((48, 64, 3), np.uint8)
+
+
+def result(seq: int, items: tuple[Item, ...] | None = None, error: str | None = None,
+           model: ModelInfo | None = STUB) -> Result:
+    if items is None:
+        items = (Item(1, "cat", 0.75), Item(0, "dog", 0.25))
+    return Result(seq, 1700000000.0 + seq, model, (64, 48), items=items, error=error, top_k=2)
+
+
+# -- a publisher that records (and can block or fail) ----------------------------------------------
+class Recorder:
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.fail = False
+        self.block = threading.Event()  # set = publish may proceed
+        self.block.set()
+        self.entered = threading.Event()
+        self.lock = threading.Lock()
+
+    def start(self) -> None:
+        pass
+
+    def publish(self, topic: str, payload: bytes, important: bool = False) -> bool:
+        self.entered.set()
+        if not self.block.wait(30):
+            raise TimeoutError("test never released the publisher")
+        if self.fail:
+            raise ConnectionError("link down")
+        with self.lock:
+            self.messages.append((topic, payload, important))
+        return True
+
+    def status(self) -> tuple[bool, str]:
+        return True, "recording"
+
+    def close(self, timeout: float = 2.0) -> None:
+        self.block.set()
+
+    def payloads(self) -> list[bytes]:
+        with self.lock:
+            return [p for _, p, important in self.messages if not important]
+
+    def texts(self) -> list[str]:
+        with self.lock:
+            return [p.decode() for _, p, important in self.messages if important]
+
+
+@pytest.fixture
+def hub() -> FrameHub:
+    return FrameHub()
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def make_output(hub: FrameHub) -> Iterator[Callable[..., IotOutput]]:
+    made: list[IotOutput] = []
+
+    def make(publisher: Any, **settings: Any) -> IotOutput:
+        kw: dict[str, Any] = {"thing_name": "cam1", "model": "stub"}
+        kw.update(settings)
+        clock = kw.pop("clock", time.monotonic)
+        out = IotOutput(Settings(**kw), hub, publisher, clock=clock)
+        made.append(out)
+        out.start()
+        return out
+
+    yield make
+    for out in made:
+        out.stop()
+
+
+def drained(out: IotOutput) -> bool:
+    stats = out.stats()
+    return stats["queue"] == 0
+
+
+# -- payloads and filters ----------------------------------------------------------------------
+def test_seed_payload_one_message_per_inference(make_output: Any, recorder: Recorder,
+                                                hub: FrameHub) -> None:
+    out = make_output(recorder)
+    for seq in range(1, 11):
+        hub.publish(IMAGE, result(seq))
+    assert wait_for(lambda: len(recorder.payloads()) == 10)
+    expected = json.dumps(result(1).payload()).encode()
+    assert expected == b'{"cat": 0.75, "dog": 0.25}'
+    assert recorder.payloads() == [expected] * 10
+    assert {topic for topic, _, _ in recorder.messages} == {"$aws/things/cam1/infer"}
+    # The seed's status lines, before the first result.
+    assert recorder.texts() == ["Loading stub model", "stub model loaded"]
+    assert out.stats()["sent"] == 12
+
+
+def test_ssd_payload_keeps_the_detections_above_threshold(make_output: Any, recorder: Recorder,
+                                                           hub: FrameHub) -> None:
+    make_output(recorder)
+    boxes = (Item(15, "person", 0.9, (1, 2, 3, 4), (0.1, 0.2, 0.3, 0.4)),
+             Item(15, "person", 0.6, (5, 6, 7, 8), (0.5, 0.6, 0.7, 0.8)),
+             Item(12, "dog", 0.3, (1, 1, 2, 2), (0.1, 0.1, 0.2, 0.2)))
+    hub.publish(IMAGE, result(1, boxes))
+    assert wait_for(lambda: len(recorder.payloads()) == 1)
+    assert json.loads(recorder.payloads()[0]) == {"person": 0.9, "dog": 0.3}
+
+
+def test_rich_payload_is_the_full_result(make_output: Any, recorder: Recorder, hub: FrameHub) -> None:
+    make_output(recorder, iot_payload="rich")
+    r = result(7, (Item(15, "person", 0.9, (1, 2, 3, 4), (0.1, 0.2, 0.3, 0.4)),))
+    hub.publish(IMAGE, r)
+    assert wait_for(lambda: len(recorder.payloads()) == 1)
+    body = json.loads(recorder.payloads()[0])
+    assert body == json.loads(json.dumps(r.to_json()))
+    assert body["seq"] == 7 and body["model"]["name"] == "stub"
+    assert body["results"][0]["box"] == {"xmin": 1, "ymin": 2, "xmax": 3, "ymax": 4}
+
+
+def test_rate_limit(make_output: Any, recorder: Recorder, hub: FrameHub) -> None:
+    ticks = iter(i * 0.25 for i in range(1, 1000))
+    out = make_output(recorder, iot_max_rate=1.0, clock=lambda: next(ticks))
+    for seq in range(1, 21):  # 20 inferences, 0.25 s apart on the output's clock
+        hub.publish(IMAGE, result(seq))
+    assert wait_for(lambda: out.stats()["sent"] + out.stats()["skipped_rate"] == 2 + 20)
+    assert len(recorder.payloads()) == 5  # t = 0.25, 1.25, 2.25, 3.25, 4.25
+    assert out.stats()["skipped_rate"] == 15
+
+
+def test_publish_on_change(make_output: Any, recorder: Recorder, hub: FrameHub) -> None:
+    out = make_output(recorder, iot_on_change=True)
+    cat, dog = Item(1, "cat", 0.8), Item(0, "dog", 0.6)
+    sets = [(cat,), (Item(1, "cat", 0.7),), (dog,), (cat, dog), (dog, cat), (cat,)]
+    for seq, items in enumerate(sets, 1):
+        hub.publish(IMAGE, result(seq, items))
+    assert wait_for(lambda: len(recorder.payloads()) + out.stats()["skipped_unchanged"] == 6)
+    assert [set(json.loads(p)) for p in recorder.payloads()] == [
+        {"cat"}, {"dog"}, {"cat", "dog"}, {"cat"}]
+
+
+def test_live_settings_apply(make_output: Any, recorder: Recorder, hub: FrameHub) -> None:
+    out = make_output(recorder)
+    hub.publish(IMAGE, result(1))
+    assert wait_for(lambda: len(recorder.payloads()) == 1)
+    out.apply(Settings(iot_payload="rich"))
+    hub.publish(IMAGE, result(2))
+    assert wait_for(lambda: len(recorder.payloads()) == 2)
+    assert json.loads(recorder.payloads()[1])["seq"] == 2
+
+
+def test_full_queue_drops_the_oldest_and_never_blocks_the_loop(
+    make_output: Any, recorder: Recorder, hub: FrameHub
+) -> None:
+    recorder.block.clear()
+    out = make_output(recorder)
+    assert recorder.entered.wait(10)  # the publisher is stuck in its first send
+    for seq in range(1, 101):
+        hub.publish(IMAGE, result(seq))  # returns at once although nothing is being sent
+    assert out.stats()["dropped_queue"] == 100 - QUEUE_SIZE
+    recorder.block.set()
+    assert wait_for(lambda: len(recorder.payloads()) == QUEUE_SIZE)
+    ok, reason = out.health()
+    assert ok and f"{100 - QUEUE_SIZE} dropped" in reason
+
+
+def test_kept_items_are_the_newest(make_output: Any, recorder: Recorder, hub: FrameHub) -> None:
+    recorder.block.clear()
+    make_output(recorder, iot_payload="rich")
+    assert recorder.entered.wait(10)
+    for seq in range(1, 101):
+        hub.publish(IMAGE, result(seq))
+    recorder.block.set()
+    assert wait_for(lambda: len(recorder.payloads()) == QUEUE_SIZE)
+    assert [json.loads(p)["seq"] for p in recorder.payloads()] == list(
+        range(101 - QUEUE_SIZE, 101))
+
+
+def test_oversized_message_is_refused_and_counted(make_output: Any, recorder: Recorder,
+                                                  hub: FrameHub) -> None:
+    out = make_output(recorder, iot_payload="rich")
+    items = tuple(Item(i, f"label-{i}-" + "x" * 2000, 0.5) for i in range(100))
+    hub.publish(IMAGE, result(1, items))
+    hub.publish(IMAGE, result(2))
+    assert wait_for(lambda: len(recorder.payloads()) == 1)
+    stats = out.stats()
+    assert stats["refused_too_large"] == 1
+    assert json.loads(recorder.payloads()[0])["seq"] == 2
+    refused = [m for m in out.recent_messages() if m["status"].startswith("refused")]
+    assert len(refused) == 1 and refused[0]["bytes"] > MAX_MESSAGE_BYTES
+
+
+def test_publish_errors_are_counted_and_survived(make_output: Any, recorder: Recorder,
+                                                 hub: FrameHub) -> None:
+    out = make_output(recorder)
+    assert wait_for(lambda: recorder.texts() == ["Loading stub model"])
+    recorder.fail = True
+    hub.publish(IMAGE, result(1))
+    hub.publish(IMAGE, result(2))
+    assert wait_for(lambda: out.stats()["errors"] == 3)  # 'model loaded' and two results
+    ok, reason = out.health()
+    assert not ok and "link down" in reason
+    assert out.recent_messages()[-1]["status"].startswith("error: ConnectionError")
+    recorder.fail = False
+    hub.publish(IMAGE, result(3))
+    assert wait_for(lambda: len(recorder.payloads()) == 1)
+    assert out.health()[0]
+
+
+def test_errors_are_published_the_seed_way_once(make_output: Any, recorder: Recorder,
+                                                hub: FrameHub) -> None:
+    out = make_output(recorder)
+    out.report_error("model not loaded: model file not found: /x.xml")
+    for seq in range(1, 6):
+        hub.publish(IMAGE, result(seq, (), error="model not loaded: model file not found: /x.xml",
+                                  model=None))
+    hub.publish(IMAGE, result(6, (), error="no signal: camera gone", model=None))
+    assert wait_for(lambda: drained(out) and len(recorder.texts()) == 3)
+    assert recorder.texts() == [
+        "Loading stub model",
+        "Error in deeplens-dashboard: model not loaded: model file not found: /x.xml",
+        "Error in deeplens-dashboard: no signal: camera gone",
+    ]
+    assert recorder.payloads() == []  # no inference, no {label: prob}
+
+
+def test_recent_messages_for_the_control_page(make_output: Any, recorder: Recorder,
+                                              hub: FrameHub) -> None:
+    out = make_output(recorder)
+    for seq in range(1, 31):
+        hub.publish(IMAGE, result(seq))
+    assert wait_for(lambda: len(recorder.payloads()) == 30)
+    recent = out.recent_messages()
+    assert len(recent) == 20
+    assert set(recent[-1]) >= {"time", "topic", "payload", "status"}
+    assert recent[-1]["payload"] == '{"cat": 0.75, "dog": 0.25}'
+    assert recent[-1]["topic"] == "$aws/things/cam1/infer" and recent[-1]["status"] == "sent"
+
+
+def test_log_publisher_writes_json_lines(make_output: Any, hub: FrameHub,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="inference.iot.messages")
+    out = make_output(LogPublisher())
+    hub.publish(IMAGE, result(1))
+    assert wait_for(lambda: out.stats()["sent"] == 3)
+    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "inference.iot.messages"]
+    assert lines[-1] == {"topic": "$aws/things/cam1/infer", "payload": '{"cat": 0.75, "dog": 0.25}'}
+
+
+# -- thing name and publisher choice -----------------------------------------------------------
+def test_thing_name_resolution() -> None:
+    assert resolve_thing_name(Settings(thing_name="mine"), {"AWS_IOT_THING_NAME": "dev"}) == "mine"
+    assert resolve_thing_name(Settings(), {"AWS_IOT_THING_NAME": "deeplens_abc"}) == "deeplens_abc"
+    assert resolve_thing_name(Settings(), {}) == f"deeplens-{socket.gethostname().split('.')[0]}"
+    assert infer_topic("deeplens_abc") == "$aws/things/deeplens_abc/infer"
+    assert availability_topic("x") == "deeplens/x/availability"
+    with pytest.raises(OutputError, match="--thing-name"):
+        resolve_thing_name(Settings(thing_name="a+b"), {})
+
+
+def test_greengrass_outside_a_core_falls_back(fake_device: Path, monkeypatch: pytest.MonkeyPatch,
+                                              caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.delenv("AWS_CONTAINER_AUTHORIZATION_TOKEN", raising=False)
+    monkeypatch.delenv("MY_FUNCTION_ARN", raising=False)
+    caplog.set_level(logging.INFO, logger="inference.outputs.iot")
+    publisher = make_publisher(Settings(iot="auto"), "cam1")
+    assert isinstance(publisher, LogPublisher)
+    assert "greengrass_common" in caplog.text and "to the log" in caplog.text
+    auto_mqtt = make_publisher(Settings(iot="auto", mqtt="mqtt://127.0.0.1:1"), "cam1")
+    assert isinstance(auto_mqtt, MqttPublisher)
+    with pytest.raises(OutputError, match="--iot: greengrass needs a Greengrass core"):
+        make_publisher(Settings(iot="greengrass"), "cam1")
+
+
+def test_real_greengrasssdk_outside_a_core_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The installed SDK (not the fake) raises ModuleNotFoundError('greengrass_common') here."""
+    sys.modules.pop("greengrasssdk", None)
+    monkeypatch.delenv("AWS_CONTAINER_AUTHORIZATION_TOKEN", raising=False)
+    try:
+        assert isinstance(make_publisher(Settings(iot="auto"), "cam1"), LogPublisher)
+    finally:
+        sys.modules.pop("greengrasssdk", None)
+
+
+def test_greengrass_publishes_bytes_on_the_thing_topic(
+    fake_device: Path, monkeypatch: pytest.MonkeyPatch, make_output: Any, hub: FrameHub
+) -> None:
+    monkeypatch.setenv("AWS_CONTAINER_AUTHORIZATION_TOKEN", "token")
+    monkeypatch.setenv("MY_FUNCTION_ARN", "arn:aws:lambda:us-east-1:1:function:deeplens-x:1")
+    monkeypatch.setenv("AWS_IOT_THING_NAME", "deeplens_abc")
+    import greengrasssdk
+
+    publisher = make_publisher(Settings(), resolve_thing_name(Settings()))
+    assert isinstance(publisher, GreengrassPublisher)
+    out = make_output(publisher, thing_name="")
+    hub.publish(IMAGE, result(1))
+    assert wait_for(lambda: len(greengrasssdk.published) == 3)
+    topics = {m["topic"] for m in greengrasssdk.published}
+    assert topics == {"$aws/things/deeplens_abc/infer"}
+    assert all(isinstance(m["payload"], bytes) for m in greengrasssdk.published)
+    assert greengrasssdk.published[0]["payload"] == b"Loading stub model"
+    assert greengrasssdk.published[-1]["payload"] == b'{"cat": 0.75, "dog": 0.25}'
+    # A failing IPC call is counted; the publisher goes on.
+    greengrasssdk.fail_publish = True
+    try:
+        hub.publish(IMAGE, result(2))
+        assert wait_for(lambda: out.stats()["errors"] == 1)
+        assert "InvocationException" in out.health()[1]
+    finally:
+        greengrasssdk.fail_publish = False
+    hub.publish(IMAGE, result(3))
+    assert wait_for(lambda: len(greengrasssdk.published) == 4)
+
+
+def test_build_outputs_checks_the_iot_options(hub: FrameHub, tmp_path: Path) -> None:
+    assert build_outputs(Settings(fifo="off", iot="off"), hub) == []
+    outputs = build_outputs(Settings(fifo="off", iot="log", thing_name="cam1"), hub)
+    assert [o.name for o in outputs] == ["iot"]
+    with pytest.raises(OutputError, match="--mqtt"):
+        build_outputs(Settings(fifo="off", iot="mqtt"), hub)
+    with pytest.raises(OutputError, match="--mqtt-ca: file not found"):
+        build_outputs(Settings(fifo="off", iot="mqtt", mqtt="mqtts://127.0.0.1:8883",
+                               mqtt_ca=str(tmp_path / "missing.pem")), hub)
+
+
+# -- a real broker -----------------------------------------------------------------------------
+class Broker:
+    def __init__(self, exe: str, port: int, folder: Path, tls: dict[str, Path] | None = None) -> None:
+        self.exe, self.port, self.folder = exe, port, folder
+        self.conf = folder / f"mosquitto-{port}.conf"
+        # Run as root, mosquitto drops to user "mosquitto", which cannot read our tmp files.
+        user = pwd.getpwuid(os.getuid()).pw_name
+        lines = [f"listener {port} 127.0.0.1", "allow_anonymous true", "persistence false",
+                 f"user {user}"]
+        if tls:
+            lines += [f"cafile {tls['ca']}", f"certfile {tls['cert']}", f"keyfile {tls['key']}",
+                      "require_certificate true"]
+        self.conf.write_text("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = f"{'mqtts' if tls else 'mqtt'}://127.0.0.1:{port}"
+
+    def start(self) -> None:
+        log = open(self.folder / f"mosquitto-{self.port}.log", "ab")  # noqa: SIM115 - owned by proc
+        self.proc = subprocess.Popen([self.exe, "-c", str(self.conf)], stdout=log, stderr=log)
+        log.close()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                pytest.fail(f"mosquitto exited: {(self.folder / f'mosquitto-{self.port}.log').read_text()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        pytest.fail("mosquitto did not start listening")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture
+def brokers(tmp_path: Path) -> Iterator[Callable[..., Broker]]:
+    exe = require_tool("mosquitto")
+    made: list[Broker] = []
+
+    def make(port: int | None = None, tls: dict[str, Path] | None = None) -> Broker:
+        broker = Broker(exe, port or free_port(), tmp_path, tls)
+        made.append(broker)
+        return broker
+
+    try:
+        yield make
+    finally:
+        for broker in made:
+            broker.kill()
+
+
+@pytest.fixture
+def broker(brokers: Callable[..., Broker]) -> Broker:
+    b = brokers()
+    b.start()
+    return b
+
+
+class Subscriber:
+    """A paho subscriber that (re)subscribes on every connect and records what arrives."""
+
+    def __init__(self, port: int, topics: list[str], tls: dict[str, Path] | None = None) -> None:
+        self.topics = topics
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.lock = threading.Lock()
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"test-{uuid.uuid4().hex[:8]}")
+        if tls:
+            self.client.tls_set(ca_certs=str(tls["ca"]), certfile=str(tls["client_cert"]),
+                                keyfile=str(tls["client_key"]))
+        self.client.reconnect_delay_set(1, 1)
+        self.ready = threading.Event()  # subscribed (the broker acknowledged)
+        self.client.on_connect = self._on_connect
+        self.client.on_subscribe = self._on_subscribe
+        self.client.on_message = self._on_message
+        self.client.connect_async("127.0.0.1", port, keepalive=10)
+        self.client.loop_start()
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
+        client.subscribe([(topic, 1) for topic in self.topics])
+
+    def _on_subscribe(self, client: Any, userdata: Any, mid: Any, codes: Any, props: Any) -> None:
+        self.ready.set()
+
+    def _on_message(self, client: Any, userdata: Any, msg: Any) -> None:
+        with self.lock:
+            self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+    def on(self, topic: str) -> list[bytes]:
+        with self.lock:
+            return [p for t, p, _ in self.messages if t == topic]
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def subscribers() -> Iterator[Callable[..., Subscriber]]:
+    made: list[Subscriber] = []
+
+    def make(port: int, thing: str, tls: dict[str, Path] | None = None) -> Subscriber:
+        sub = Subscriber(port, [infer_topic(thing), availability_topic(thing)], tls)
+        made.append(sub)
+        # Messages published before the subscription reaches the broker would be missed.
+        assert sub.ready.wait(20), "subscriber never subscribed"
+        return sub
+
+    try:
+        yield make
+    finally:
+        for sub in made:
+            sub.stop()
+
+
+def mqtt_output(hub: FrameHub, url: str, thing: str, **kw: Any) -> IotOutput:
+    settings = Settings(iot="mqtt", mqtt=url, thing_name=thing, model="stub", **kw)
+    return IotOutput(settings, hub, make_publisher(settings, thing))
+
+
+def test_mqtt_subscriber_receives_the_seed_payload(broker: Broker, subscribers: Any,
+                                                   hub: FrameHub) -> None:
+    thing = "cam-seed"
+    sub = subscribers(broker.port, thing)
+    out = mqtt_output(hub, broker.url, thing)
+    out.start()
+    try:
+        assert wait_for(lambda: out.publisher.status()[0])
+        assert wait_for(lambda: b"online" in sub.on(availability_topic(thing)))
+        for seq in range(1, 4):
+            hub.publish(IMAGE, result(seq))
+        topic = infer_topic(thing)
+        assert wait_for(lambda: len(sub.on(topic)) == 5)
+        assert sub.on(topic) == [b"Loading stub model", b"stub model loaded"] + [
+            b'{"cat": 0.75, "dog": 0.25}'] * 3
+        assert out.health()[0]
+    finally:
+        out.stop()
+    # A clean stop says offline itself (the broker only sends the will on a lost connection).
+    assert wait_for(lambda: sub.on(availability_topic(thing))[-1:] == [b"offline"])
+
+
+def test_broker_absent_at_start_then_started(brokers: Any, subscribers: Any, hub: FrameHub) -> None:
+    thing = "cam-late"
+    broker = brokers()
+    settings = Settings(iot="mqtt", mqtt=broker.url, thing_name=thing, model="stub")
+    # Retries 3 s apart: the subscriber is in place before the publisher's first connection,
+    # so the status line queued while offline can be seen arriving.
+    publisher = MqttPublisher(broker.url, thing, min_delay=3, max_delay=3)
+    out = IotOutput(settings, hub, publisher)
+    out.start()
+    try:
+        hub.publish(IMAGE, result(1))
+        assert wait_for(lambda: out.stats()["dropped_offline"] == 1)
+        ok, reason = out.health()
+        assert not ok and broker.url in reason
+        broker.start()
+        sub = subscribers(broker.port, thing)
+        topic = infer_topic(thing)
+        seq = 1
+        deadline = time.monotonic() + 30
+        while not [p for p in sub.on(topic) if p.startswith(b"{")] and time.monotonic() < deadline:
+            seq += 1
+            hub.publish(IMAGE, result(seq))
+            time.sleep(0.1)
+        assert [p for p in sub.on(topic) if p.startswith(b"{")], out.stats()
+        # The status lines from before the connection were kept (QoS 1) and delivered.
+        assert wait_for(lambda: b"Loading stub model" in sub.on(topic))
+        assert out.health()[0]
+    finally:
+        out.stop()
+
+
+def test_broker_killed_mid_run(brokers: Any, subscribers: Any) -> None:
+    thing = "cam-outage"
+    broker = brokers()
+    broker.start()
+    sub = subscribers(broker.port, thing)
+    settings = Settings(source="synthetic", iot="mqtt", mqtt=broker.url, thing_name=thing,
+                        model="stub", fifo="off")
+    runtime = Runtime(settings, lambda s: SyntheticSource(160, 120, fps=100), lambda s: _StubModel())
+    out = IotOutput(settings, runtime.hub, make_publisher(settings, thing))
+    runtime.add_output(out)
+    runtime.prepare()
+    runtime.start()
+    topic = infer_topic(thing)
+    publisher = out.publisher
+    assert isinstance(publisher, MqttPublisher)
+    try:
+        assert wait_for(lambda: len(sub.on(topic)) > 20, timeout=20)
+        before = _frames_in(runtime, 1.0)
+        broker.kill()
+        assert wait_for(lambda: not publisher.connected)
+        dropped = out.stats()["dropped_offline"]
+        during = _frames_in(runtime, 1.0)
+        assert during > 0.5 * before, (before, during)  # the loop did not notice the outage
+        assert wait_for(lambda: out.stats()["dropped_offline"] > dropped)
+        received = len(sub.on(topic))
+        broker.start()
+        assert wait_for(lambda: publisher.connected, timeout=40)
+        assert wait_for(lambda: len(sub.on(topic)) > received + 5, timeout=20)
+        assert publisher.connects == 2 and publisher.disconnects == 1
+    finally:
+        runtime.stop()
+
+
+def _frames_in(runtime: Runtime, seconds: float) -> int:
+    start = runtime.hub.published
+    time.sleep(seconds)
+    return runtime.hub.published - start
+
+
+LWT_SCRIPT = """
+import sys, time
+from inference.config import Settings
+from inference.hub import FrameHub
+from inference.outputs.iot import IotOutput, make_publisher
+url, thing = sys.argv[1], sys.argv[2]
+settings = Settings(iot="mqtt", mqtt=url, thing_name=thing)
+out = IotOutput(settings, FrameHub(), make_publisher(settings, thing))
+out.start()
+deadline = time.monotonic() + 60
+while not out.publisher.connected and time.monotonic() < deadline:
+    time.sleep(0.05)
+print("ready" if out.publisher.connected else "not connected", flush=True)
+while time.monotonic() < deadline:  # until the test kills us (bounded all the same)
+    time.sleep(0.1)
+"""
+
+
+def test_last_will_offline_when_the_process_is_killed(broker: Broker, subscribers: Any) -> None:
+    thing = "cam-lwt"
+    sub = subscribers(broker.port, thing)
+    proc = subprocess.Popen([sys.executable, "-c", LWT_SCRIPT, broker.url, thing], cwd=ROOT,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == b"ready"
+        avail = availability_topic(thing)
+        assert wait_for(lambda: sub.on(avail)[-1:] == [b"online"])
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        assert wait_for(lambda: sub.on(avail)[-1:] == [b"offline"])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
+    # Retained: whoever subscribes later learns the device is offline.
+    late = subscribers(broker.port, thing)
+    assert wait_for(lambda: late.on(avail) == [b"offline"])
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run([require_tool("openssl"), *args], cwd=cwd, check=True, capture_output=True,
+                   timeout=60)
+
+
+@pytest.fixture
+def certs(tmp_path: Path) -> dict[str, Path]:
+    """A CA, a server certificate for 127.0.0.1 and a client certificate, as AWS IoT uses."""
+    d = tmp_path / "pki"
+    d.mkdir()
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem",
+             "-days", "2", "-subj", "/CN=test-ca", cwd=d)
+    for name, extra in (("server", ["-addext", "subjectAltName=IP:127.0.0.1"]), ("client", [])):
+        _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out",
+                 f"{name}.csr", "-subj", f"/CN={name}", *extra, cwd=d)
+        _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+                 "-CAcreateserial", "-out", f"{name}.pem", "-days", "2", "-copy_extensions", "copy",
+                 cwd=d)
+    return {"ca": d / "ca.pem", "cert": d / "server.pem", "key": d / "server.key",
+            "client_cert": d / "client.pem", "client_key": d / "client.key"}
+
+
+def test_mqtts_with_a_client_certificate(brokers: Any, subscribers: Any, certs: dict[str, Path],
+                                         hub: FrameHub) -> None:
+    broker = brokers(tls=certs)
+    broker.start()
+    thing = "cam-tls"
+    sub = subscribers(broker.port, thing, tls=certs)
+    out = mqtt_output(hub, broker.url, thing, mqtt_ca=str(certs["ca"]),
+                      mqtt_cert=str(certs["client_cert"]), mqtt_key=str(certs["client_key"]))
+    out.start()
+    try:
+        assert wait_for(lambda: out.publisher.status()[0])
+        hub.publish(IMAGE, result(1))
+        assert wait_for(lambda: b'{"cat": 0.75, "dog": 0.25}' in sub.on(infer_topic(thing)))
+    finally:
+        out.stop()
+
+
+def test_offline_publish_raises_for_results_only() -> None:
+    """Results while disconnected are dropped (counted by the output); status lines are kept."""
+    publisher = MqttPublisher(f"mqtt://127.0.0.1:{free_port()}", "cam-offline")
+    with pytest.raises(PublishOffline):
+        publisher.publish("t", b"{}")
+    assert publisher.publish("t", b"Loading", important=True) is False

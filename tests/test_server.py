@@ -1,0 +1,417 @@
+"""The dashboard server: lifecycle, /results, /health, /api/stats, /metrics, the CLI's exits.
+
+Every test runs a real uvicorn on a free loopback port (``running_server``) with the synthetic
+source and a fake model that answers instantly, so the HTTP layer is what is under test. The
+helpers here are shared by test_stream, test_control and test_page.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from app.server import PortInUseError, ServerThread, bind_socket, create_server, ensure_token
+from inference.config import Settings
+from inference.models import parse
+from inference.runtime import Runtime
+from inference.types import FrameSource, Image, ModelError, ModelInfo, RawOutputs
+from tests.conftest import ROOT, free_port, require_tool
+
+TOKEN = "test-token-0123456789"
+PROBS = (0.5, 0.2, 0.15, 0.1, 0.05)
+LABELS = {i: f"class{i}" for i in range(len(PROBS))}
+# ImageNet has names like this one: the page must cut them, not overflow.
+LABELS[1] = "gas pump, gasoline pump, petrol pump, island dispenser, fuel station pump"
+BROKEN = "broken.onnx"
+
+
+class FakeModel:
+    """A classification model with fixed probabilities: instant, and easy to threshold."""
+
+    def __init__(self, name: str = "fake") -> None:
+        self.info = ModelInfo(name or "fake", "classification", 8, 8, "fake", LABELS)
+
+    def preprocess(self, frame: Image) -> Any:
+        return frame
+
+    def infer(self, inputs: Any) -> RawOutputs:
+        return {"out": np.array(PROBS, np.float32)}
+
+    def parse(self, raw: RawOutputs) -> dict[str, Any]:
+        return parse.classification(raw["out"])
+
+    def close(self) -> None:
+        pass
+
+
+def fake_model_factory(settings: Settings) -> FakeModel:
+    if settings.model.endswith(BROKEN):
+        raise ModelError(f"cannot load {settings.model}: not an ONNX graph")
+    return FakeModel(settings.model)
+
+
+class DeadSource:
+    """A camera that never gives a frame."""
+
+    name = "dead-camera"
+
+    def open(self) -> None:
+        pass
+
+    def read(self) -> Image | None:
+        return None
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class FakeOutput:
+    name: str = "fake-iot"
+    healthy: bool = True
+    messages: list[dict[str, Any]] = field(default_factory=list)
+    started: bool = False
+
+    def start(self) -> None:
+        self.started = True
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self.started = False
+
+    def health(self) -> tuple[bool, str]:
+        return (True, "ok") if self.healthy else (False, "broker unreachable")
+
+    def stats(self) -> dict[str, Any]:
+        return {"sent": len(self.messages)}
+
+    def apply(self, settings: Settings) -> None:
+        pass
+
+    def recent_messages(self) -> list[dict[str, Any]]:
+        return list(self.messages)
+
+
+@dataclass
+class Running:
+    url: str
+    runtime: Runtime
+    thread: ServerThread
+    settings: Settings
+
+    def client(self, token: str | None = None, **kwargs: Any) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=10.0, **kwargs)
+
+    def wait_frames(self, count: int = 1, timeout: float = 20.0) -> int:
+        """Wait until ``count`` more frames are published; the new seq (fails if none come)."""
+        hub = self.runtime.hub
+        seq = hub.seq
+        target = seq + count
+        deadline = time.monotonic() + timeout
+        while seq < target:
+            item = hub.wait_newer(seq, max(0.0, deadline - time.monotonic()))
+            assert item is not None, f"no new frame after seq {seq}"
+            seq = item.seq
+        return seq
+
+
+@contextmanager
+def running_server(
+    source: str = "synthetic:640x360@30",
+    source_factory: Callable[[Settings], FrameSource] | None = None,
+    model_factory: Callable[[Settings], Any] = fake_model_factory,
+    outputs: tuple[Any, ...] = (),
+    **overrides: Any,
+) -> Iterator[Running]:
+    settings = Settings(source=source, host="127.0.0.1", port=free_port(), token=TOKEN,
+                        fifo="off", iot="off", log_level="warning", **overrides)
+    kwargs: dict[str, Any] = {"model_factory": model_factory}
+    if source_factory is not None:
+        kwargs["source_factory"] = source_factory
+    runtime = Runtime(settings, **kwargs)
+    for output in outputs:
+        runtime.add_output(output)
+    thread = ServerThread(create_server(runtime, settings))
+    thread.start()
+    try:
+        yield Running(thread.url, runtime, thread, settings)
+    finally:
+        thread.stop(timeout=2.0)
+        assert thread._thread is not None and not thread._thread.is_alive()
+
+
+# -- multipart parsing, shared with the stream tests ----------------------------------------------
+@dataclass
+class Part:
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def seq(self) -> int:
+        return int(self.headers["x-frame-seq"])
+
+
+class PartReader:
+    """Parses ``multipart/x-mixed-replace; boundary=frame`` from a byte iterator, strictly."""
+
+    def __init__(self, chunks: Iterator[bytes]) -> None:
+        self._chunks = chunks
+        self._buf = bytearray()
+
+    def _fill(self, size: int) -> None:
+        while len(self._buf) < size:
+            self._buf += next(self._chunks)
+
+    def _line(self) -> bytes:
+        while b"\r\n" not in self._buf:
+            self._buf += next(self._chunks)
+        line, _, rest = bytes(self._buf).partition(b"\r\n")
+        self._buf = bytearray(rest)
+        return line
+
+    def next(self) -> Part:
+        boundary = self._line()
+        assert boundary == b"--frame", f"expected the boundary, got {boundary[:60]!r}"
+        headers: dict[str, str] = {}
+        while line := self._line():
+            name, _, value = line.decode().partition(":")
+            headers[name.strip().lower()] = value.strip()
+        size = int(headers["content-length"])
+        self._fill(size + 2)
+        body, tail = bytes(self._buf[:size]), bytes(self._buf[size:size + 2])
+        del self._buf[:size + 2]
+        assert tail == b"\r\n", "a part must end with CRLF after Content-Length bytes"
+        return Part(headers, body)
+
+
+def read_parts(client: httpx.Client, path: str, count: int) -> list[Part]:
+    with client.stream("GET", path) as response:
+        assert response.status_code == 200, response.read()
+        reader = PartReader(response.iter_bytes())
+        return [reader.next() for _ in range(count)]
+
+
+# -- tests -----------------------------------------------------------------------------------------
+def test_ensure_token_generates_once_and_keeps_a_given_one() -> None:
+    generated = ensure_token(Settings())
+    assert len(generated.token) >= 24
+    assert ensure_token(generated).token == generated.token
+    assert ensure_token(Settings(token="mine")).token == "mine"
+    assert ensure_token(Settings()).token != generated.token
+
+
+def test_server_thread_is_named_non_daemon_and_stops_the_loop() -> None:
+    with running_server() as srv:
+        thread = srv.thread._thread
+        assert thread is not None and thread.name == "http-server" and not thread.daemon
+        assert srv.thread.started
+        assert srv.runtime.loop.state.value == "running"
+        srv.wait_frames(2)
+    assert not thread.is_alive()
+    assert srv.runtime.loop.state.value == "stopped"
+    assert not srv.thread.started
+
+
+def test_results_is_pretty_json_with_payload_and_state() -> None:
+    with running_server() as srv, srv.client() as client:
+        srv.wait_frames(1)
+        response = client.get("/results")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("application/json")
+        text = response.text
+        assert text.endswith("\n") and '\n  "seq": ' in text  # indented for curl
+        data = response.json()
+        assert data["seq"] >= 1 and data["state"] == "running"
+        assert data["model"]["name"] == "fake" and data["model"]["type"] == "classification"
+        assert [r["name"] for r in data["results"]] == [LABELS[i] for i in range(5)]
+        assert data["payload"] == pytest.approx({r["name"]: r["prob"] for r in data["results"]}, abs=1e-6)
+        assert set(data["timings_ms"]) >= {"capture", "inference", "overlay"}
+        assert abs(data["timestamp"] - time.time()) < 600
+
+
+def test_health_reports_ok_then_the_stopped_pipeline() -> None:
+    with running_server() as srv, srv.client(TOKEN) as client:
+        srv.wait_frames(1)
+        health = client.get("/health").json()
+        assert health["status"] == "ok" and health["reasons"] == []
+        assert client.post("/api/pipeline/stop").json()["state"] == "stopped"
+        health = client.get("/health").json()
+        assert health["status"] == "degraded"
+        assert any(r.startswith("pipeline") for r in health["reasons"])
+
+
+def test_health_names_camera_model_and_outputs() -> None:
+    def broken_model(settings: Settings) -> FakeModel:
+        raise ModelError("weights file is truncated")
+
+    bad_output = FakeOutput(healthy=False)
+    with running_server(source_factory=lambda s: DeadSource(), model_factory=broken_model,
+                        outputs=(bad_output,)) as srv, srv.client() as client:
+        srv.wait_frames(1)  # the NO SIGNAL frame
+        health = client.get("/health").json()
+        assert health["status"] == "degraded"
+        reasons = " | ".join(health["reasons"])
+        assert "camera: no frame from dead-camera" in reasons
+        assert "model: not loaded: weights file is truncated" in reasons
+        assert "outputs: fake-iot: broker unreachable" in reasons
+        assert health["checks"]["outputs"]["fake-iot"] == {"ok": False, "message": "broker unreachable"}
+        assert bad_output.started
+
+
+def test_stats_metrics_docs_and_iot_messages() -> None:
+    output = FakeOutput(messages=[{"time": 1.0, "topic": "$aws/things/x/infer", "payload": "{}"}])
+    with running_server(outputs=(output,)) as srv, srv.client() as client:
+        srv.wait_frames(2)
+        stats = client.get("/api/stats").json()
+        for key in ("capture_fps", "inference_fps", "delivered_fps", "frames_skipped", "viewers"):
+            assert key in stats
+        assert stats["jpeg"]["encodes_total"] == 0 and stats["viewers"] == []
+        assert stats["outputs"] == {"fake-iot": {"sent": 1}}
+        metrics = client.get("/metrics")
+        assert metrics.headers["content-type"].startswith("text/plain")
+        assert re.search(r"^deeplens_frames_total \d+", metrics.text, re.M)
+        assert 'deeplens_pipeline_state{state="running"} 1.0' in metrics.text
+        assert 'deeplens_output_healthy{output="fake-iot"} 1.0' in metrics.text
+        assert client.get("/api/iot/messages").json() == output.messages
+        assert client.get("/docs").status_code == 200
+        paths = client.get("/openapi.json").json()["paths"]
+        for path in ("/stream.mjpg", "/snapshot.jpg", "/results", "/results/events", "/api/config",
+                     "/api/pipeline/{action}", "/health", "/api/stats", "/metrics"):
+            assert path in paths
+
+
+def test_two_apps_in_one_process_have_their_own_metrics() -> None:
+    with running_server() as a, running_server() as b, a.client() as ca, b.client() as cb:
+        a.wait_frames(1)
+        b.wait_frames(1)
+        assert "deeplens_frames_total" in ca.get("/metrics").text
+        assert "deeplens_frames_total" in cb.get("/metrics").text
+
+
+def test_iot_messages_empty_without_an_iot_output() -> None:
+    with running_server() as srv, srv.client() as client:
+        assert client.get("/api/iot/messages").json() == []
+
+
+def test_bind_socket_names_the_port_in_use() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(PortInUseError, match=f"port {port} .* already in use.*--port"):
+            bind_socket("127.0.0.1", port)
+
+
+def _cli(*args: str) -> subprocess.Popen[str]:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen(
+        [sys.executable, "-m", "app", *args], cwd=ROOT, env=env, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )
+
+
+def test_cli_port_in_use_exits_1_with_a_clear_message() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = _cli("--host", "127.0.0.1", "--port", str(port), "--source", "synthetic")
+        try:
+            _, err = proc.communicate(timeout=60)
+        finally:
+            proc.kill() if proc.poll() is None else None
+    assert proc.returncode == 1
+    assert f"port {port} on 127.0.0.1 is already in use" in err and "--port" in err
+    assert "Traceback" not in err
+
+
+def test_cli_serves_logs_the_control_url_once_and_stops_on_sigterm_with_open_streams() -> None:
+    port = free_port()
+    proc = _cli("--host", "127.0.0.1", "--port", str(port), "--source", "synthetic:320x180@30",
+                "--model", "catdog", "--fifo", "off", "--iot", "off")
+    lines: list[str] = []
+    token_line = threading.Event()
+
+    def drain() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "?token=" in line:
+                token_line.set()
+
+    reader = threading.Thread(target=drain, name="cli-stderr", daemon=True)
+    reader.start()
+    try:
+        assert token_line.wait(90), "".join(lines)
+        token = re.search(r"\?token=(\S+)", "".join(lines))
+        assert token is not None
+        url = f"http://127.0.0.1:{port}"
+        ended: list[str] = []
+
+        def watch(path: str) -> None:
+            with httpx.Client(base_url=url, timeout=10) as client, client.stream("GET", path) as r:
+                for _ in r.iter_bytes():
+                    pass
+            ended.append(path)
+
+        watchers = [threading.Thread(target=watch, args=(p,), name=f"watch{i}")
+                    for i, p in enumerate(("/stream.mjpg", "/stream.mjpg?res=480p", "/results/events"))]
+        for w in watchers:
+            w.start()
+        with httpx.Client(base_url=url, timeout=10) as client:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                stats = client.get("/api/stats").json()
+                if len(stats["viewers"]) == 2 and stats["event_subscribers"] == 1:
+                    break
+                time.sleep(0.05)
+            assert client.get("/results").json()["seq"] >= 1
+        proc.send_signal(signal.SIGTERM)
+        # The contract: open streams end and the process exits within 2 s of the signal.
+        assert proc.wait(timeout=2.0) == 0
+        for w in watchers:
+            w.join(2.0)
+        assert sorted(ended) == sorted(["/stream.mjpg", "/stream.mjpg?res=480p", "/results/events"])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(5)
+    log = "".join(lines)
+    assert log.count(token.group(1)) == 1, "the token is logged exactly once"
+    assert f"http://127.0.0.1:{port}/" in log
+    assert "Traceback" not in log
+
+
+def test_tls_serves_https_and_marks_the_cookie_secure(tmp_path: Path) -> None:
+    openssl = require_tool("openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+         str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"],
+        check=True, capture_output=True, timeout=60,
+    )
+    with running_server(ssl_certfile=str(cert), ssl_keyfile=str(key)) as srv:
+        assert srv.url.startswith("https://")
+        with httpx.Client(base_url=srv.url, verify=False, timeout=10) as client:
+            assert client.get("/health").json()["status"] == "ok"
+            opened = client.get("/", params={"token": TOKEN})
+            assert opened.status_code == 303 and "Secure" in opened.headers["set-cookie"]
+        with httpx.Client(base_url=srv.url.replace("https", "http"), timeout=10) as plain:
+            with pytest.raises(httpx.HTTPError):
+                plain.get("/health")
