@@ -215,14 +215,24 @@ class InferenceLoop:
         nothing."""
         with self._switch_lock:
             new = self.settings.replace(**changes)
+            # Load everything first and commit only when all succeeded: a PATCH that changes the
+            # model and a broken source must leave both as they were.
+            model = source = None
             if "model" in changes and changes["model"] != self.settings.model:
                 model = self._model_factory(new)
+            if "source" in changes and changes["source"] != self.settings.source:
+                try:
+                    source = self._source_factory(new)
+                    source.open()
+                except Exception:
+                    if source is not None:
+                        source.close()
+                    raise
+            if model is not None:
                 self._model = model
                 self.stats.model_load_error = None
                 log.info("model switched to %s", model.info.name)
-            if "source" in changes and changes["source"] != self.settings.source:
-                source = self._source_factory(new)
-                source.open()
+            if source is not None:
                 old, self._pending_source = self._pending_source, source
                 if old is not None:
                     old.close()

@@ -266,3 +266,21 @@ def test_large_frames_are_drawn_at_the_display_resolution(make_loop: Any) -> Non
     loop.update({"display_res": "native"})
     time.sleep(0.05)
     assert collect(loop.hub, 2)[-1].image.shape == (1080, 1920, 3)
+
+
+def test_a_failed_source_in_the_same_change_keeps_the_old_model(make_loop: Any, tmp_path: Path) -> None:
+    loop = make_loop(
+        Settings(source="synthetic:160x90@100", model="efficientnet-lite0", display_res="native")
+    )
+    loop.prepare()
+    loop.start()
+    collect(loop.hub, 2)
+    good = tmp_path / "colour.onnx"
+    good.write_bytes(onnx_graphs.classifier())
+    with pytest.raises(Exception, match="is no file"):
+        loop.update({"model": str(good), "model_type": "classification",
+                     "source": "/no/such/clip.mp4"})
+    assert loop.settings.model == "efficientnet-lite0"
+    assert loop.settings.source == "synthetic:160x90@100"
+    after = collect(loop.hub, 2)[-1]
+    assert after.result.model is not None and after.result.model.name == "efficientnet-lite0"
