@@ -119,16 +119,26 @@ class GreengrassPublisher:
 
 
 class LogPublisher:
-    """Each message as one JSON line on the ``inference.iot.messages`` logger."""
+    """Each message as one JSON line on the ``inference.iot.messages`` logger.
+
+    Asked for (``--iot log``) the lines come at INFO; as the quiet fallback of ``auto`` they come
+    at DEBUG, so a default run's terminal is not flooded at the frame rate (the control page
+    still shows the last messages)."""
 
     name = "log"
+
+    def __init__(self, level: int = logging.INFO) -> None:
+        self.level = level
 
     def start(self) -> None:
         pass
 
     def publish(self, topic: str, payload: bytes, important: bool = False) -> bool:
         text = payload.decode("utf-8", errors="replace")
-        message_log.info("%s", json.dumps({"topic": topic, "payload": text}))
+        message_log.log(
+            logging.INFO if important else self.level, "%s",
+            json.dumps({"topic": topic, "payload": text}),
+        )
         return True
 
     def status(self) -> tuple[bool, str]:
@@ -337,13 +347,13 @@ def make_publisher(settings: Settings, thing: str) -> Publisher:
                 raise OutputError("--iot", f"greengrass needs a Greengrass core ({reason})") from None
             log.info(
                 "IoT: not inside a Greengrass core (%s); publishing %s instead", reason,
-                f"to MQTT {settings.mqtt}" if settings.mqtt else "to the log (give --mqtt URL for a broker)",
+                f"to MQTT {settings.mqtt}" if settings.mqtt else "to the log at debug level (give --mqtt URL for a broker)",
             )
     if mode == "mqtt" or (mode == "auto" and settings.mqtt):
         if not settings.mqtt:
             raise OutputError("--mqtt", "--iot mqtt needs a broker: --mqtt mqtt://HOST[:PORT]")
         return MqttPublisher(settings.mqtt, thing, settings.mqtt_ca, settings.mqtt_cert, settings.mqtt_key)
-    return LogPublisher()
+    return LogPublisher(logging.INFO if mode == "log" else logging.DEBUG)
 
 
 # -- the output ----------------------------------------------------------------------------------
