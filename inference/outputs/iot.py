@@ -347,7 +347,8 @@ def make_publisher(settings: Settings, thing: str) -> Publisher:
                 raise OutputError("--iot", f"greengrass needs a Greengrass core ({reason})") from None
             log.info(
                 "IoT: not inside a Greengrass core (%s); publishing %s instead", reason,
-                f"to MQTT {settings.mqtt}" if settings.mqtt else "to the log at debug level (give --mqtt URL for a broker)",
+                f"to MQTT {settings.mqtt}" if settings.mqtt
+                else "to the log at debug level (give --mqtt URL for a broker)",
             )
     if mode == "mqtt" or (mode == "auto" and settings.mqtt):
         if not settings.mqtt:
