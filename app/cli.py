@@ -19,6 +19,7 @@ preload_awscam()  # before any import of cv2 (the device's cv2 needs awscam load
 
 from inference.config import SettingError, Settings, add_arguments, from_args  # noqa: E402
 from inference.loop import InferenceLoop  # noqa: E402
+from inference.models import with_model_defaults  # noqa: E402
 
 log = logging.getLogger("app")
 
@@ -89,7 +90,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging()
         return build_lambda_zip(args.output)
     try:
-        settings = from_args(args)
+        settings = with_model_defaults(from_args(args))
     except SettingError as exc:
         parser.error(exc.message)  # exits with 2, as argparse does for its own errors
     setup_logging(settings.log_level)

@@ -246,6 +246,8 @@ class Settings:
     iot_max_rate: float = 0.0
     iot_on_change: bool = False
     log_level: str = "info"
+    # The options someone set (file, env or flag), so a model can supply defaults for the rest.
+    explicit: frozenset[str] = field(default_factory=frozenset, compare=False, repr=False)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -399,7 +401,8 @@ def from_file(path: str, base: Settings | None = None) -> Settings:
             changes[name] = opt.parse(value)
         except (ValueError, TypeError) as exc:
             raise SettingError(name, f"--config: {where}: {key}: {exc}") from None
-    return (base or Settings()).replace(**changes)
+    base = base or Settings()
+    return base.replace(**changes, explicit=base.explicit | set(changes))
 
 
 def from_env(base: Settings | None = None, env: Mapping[str, str] | None = None) -> Settings:
@@ -412,7 +415,7 @@ def from_env(base: Settings | None = None, env: Mapping[str, str] | None = None)
                 changes[opt.name] = opt.parse(env[opt.env])
             except (ValueError, TypeError) as exc:
                 raise SettingError(opt.name, f"{opt.flag} (from {opt.env}): {exc}") from None
-    return settings.replace(**changes)
+    return settings.replace(**changes, explicit=settings.explicit | set(changes))
 
 
 def validate_changes(changes: Mapping[str, Any], live_only: bool = True) -> dict[str, Any]:
@@ -466,4 +469,4 @@ def from_args(ns: argparse.Namespace, env: Mapping[str, str] | None = None) -> S
         raw = getattr(ns, opt.name, None)
         if raw is not None:
             changes[opt.name] = parse_value(opt.name, raw)
-    return settings.replace(**changes)
+    return settings.replace(**changes, explicit=settings.explicit | set(changes))

@@ -146,3 +146,18 @@ def test_labels_file_with_the_wrong_count_is_logged(tmp_path: Path, image_file: 
     assert "2 names for 4 classes" in proc.stderr
     names = [r["name"] for r in json.loads(proc.stdout)["result"]["results"]]
     assert set(names) == {"red", "green", "2", "3"}  # unnamed ids show as numbers
+
+
+def test_detectors_default_to_the_samples_threshold(tmp_path: Path) -> None:
+    import cv2
+    import skimage.data
+
+    photo = tmp_path / "astronaut.png"
+    cv2.imwrite(str(photo), cv2.cvtColor(skimage.data.astronaut(), cv2.COLOR_RGB2BGR))
+    proc = cli("infer", "--frames", "1", "--source", str(photo), "--model", "centerface")
+    result = json.loads(proc.stdout)["result"]
+    assert result["threshold"] == 0.25
+    assert [r["name"] for r in result["results"]] == ["face"]  # weak candidates filtered
+    proc = cli("infer", "--frames", "1", "--source", str(photo), "--model", "centerface",
+               "--threshold", "0")
+    assert json.loads(proc.stdout)["result"]["threshold"] == 0.0

@@ -41,6 +41,20 @@ def default_model() -> str:
     return DEVICE_DEFAULT_MODEL if awscam_available() else DEFAULT_MODEL
 
 
+SSD_DEFAULT_THRESHOLD = 0.25
+"""The threshold of the DeepLens object- and face-detection samples."""
+
+
+def with_model_defaults(settings: Settings) -> Settings:
+    """Defaults that depend on the model: a detector left at threshold 0 would draw every
+    low-confidence candidate, so unless the user set one it gets the samples' 0.25."""
+    name = ALIASES.get(settings.model, settings.model)
+    is_ssd = name == "centerface" or settings.model_type == "ssd"
+    if is_ssd and "threshold" not in settings.explicit:
+        return settings.replace(threshold=SSD_DEFAULT_THRESHOLD)
+    return settings
+
+
 def known_model(name: str) -> bool:
     """True when ``name`` could load: built in, or a path that exists, or an artifact on a device."""
     name = ALIASES.get(name, name)
