@@ -68,3 +68,21 @@ def image_file(tmp_path: Path, chelsea_bgr) -> Path:  # type: ignore[no-untyped-
     path = tmp_path / "chelsea.png"
     cv2.imwrite(str(path), chelsea_bgr)
     return path
+
+
+@pytest.fixture(scope="session")
+def efficientnet_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from inference.models.efficientnet import build_efficientnet_lite0_onnx
+
+    path = tmp_path_factory.mktemp("artifacts") / "efficientnet.onnx"
+    path.write_bytes(build_efficientnet_lite0_onnx())
+    return path
+
+
+@pytest.fixture
+def device_xml(tmp_path: Path, efficientnet_onnx: Path) -> Path:
+    """A pre-optimized artifact as the sample projects ship it (the fake awscam runs the ONNX
+    graph it names)."""
+    xml = tmp_path / "mxnet_efficientnet_FP16_FUSED.xml"
+    xml.write_text(f'<net name="efficientnet" onnx="{efficientnet_onnx}" output="SoftMax_67"/>\n')
+    return xml

@@ -14,25 +14,9 @@ import pytest
 from inference.config import Settings
 from inference.loop import InferenceLoop, LoopState
 from inference.models import DEVICE_DEFAULT_MODEL, load_model
-from inference.models.efficientnet import build_efficientnet_lite0_onnx
 from inference.types import ModelError
 from tests.conftest import FAKES, ROOT
 from tests.test_loop import collect
-
-
-@pytest.fixture(scope="module")
-def efficientnet_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("artifacts") / "efficientnet.onnx"
-    path.write_bytes(build_efficientnet_lite0_onnx())
-    return path
-
-
-@pytest.fixture
-def device_xml(tmp_path: Path, efficientnet_onnx: Path) -> Path:
-    """A pre-optimized artifact as the sample projects ship it."""
-    xml = tmp_path / "mxnet_efficientnet_FP16_FUSED.xml"
-    xml.write_text(f'<net name="efficientnet" onnx="{efficientnet_onnx}" output="SoftMax_67"/>\n')
-    return xml
 
 
 def device_settings(model: str, **kw: Any) -> Settings:

@@ -18,7 +18,6 @@ from typing import Any
 import httpx
 import pytest
 
-from inference.models.efficientnet import build_efficientnet_lite0_onnx
 from tests.conftest import FAKES, ROOT, free_port
 from tests.test_fifo import decode, read_fifo, wait_for
 
@@ -37,21 +36,6 @@ if sys.argv[1] == "busy":
     for _ in range(1200):  # a main loop of its own, as the Greengrass runtime has (bounded)
         time.sleep(0.1)
 """
-
-
-@pytest.fixture(scope="module")
-def efficientnet_onnx(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("artifacts") / "efficientnet.onnx"
-    path.write_bytes(build_efficientnet_lite0_onnx())
-    return path
-
-
-@pytest.fixture
-def device_xml(tmp_path: Path, efficientnet_onnx: Path) -> Path:
-    """A pre-optimized artifact as the sample projects ship it (the fake awscam runs the ONNX)."""
-    xml = tmp_path / "mxnet_efficientnet_FP16_FUSED.xml"
-    xml.write_text(f'<net name="efficientnet" onnx="{efficientnet_onnx}" output="SoftMax_67"/>\n')
-    return xml
 
 
 @dataclass
