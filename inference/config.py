@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -118,7 +119,17 @@ def parse_triple(value: Any) -> tuple[float, float, float] | None:
         nums *= 3
     if len(nums) != 3 or any(n != n for n in nums):
         raise ValueError(f"expected one or three numbers, got {value!r}")
+    if not all(math.isfinite(n) for n in nums):
+        raise ValueError(f"must be finite, got {value!r}")
     return nums[0], nums[1], nums[2]
+
+
+def parse_std(value: Any) -> tuple[float, float, float] | None:
+    """As parse_triple; a zero would divide every pixel by zero (NaN on every frame)."""
+    std = parse_triple(value)
+    if std is not None and 0.0 in std:
+        raise ValueError(f"must not be 0 (every pixel is divided by it), got {value!r}")
+    return std
 
 
 def parse_optional_float(value: Any) -> float | None:
@@ -289,7 +300,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("scale", parse_optional_float, "multiply pixels by this before mean/std "
            "(default 1/255 for ONNX, none for awscam)", metavar="FACTOR"),
     Option("mean", parse_triple, "per-channel mean subtracted after scaling", metavar="M|R,G,B"),
-    Option("std", parse_triple, "per-channel std divided by after the mean", metavar="S|R,G,B"),
+    Option("std", parse_std, "per-channel std divided by after the mean", metavar="S|R,G,B"),
     Option("center_crop", parse_optional_float, "centre-crop this fraction of the short side "
            "before resizing (0.875 for ImageNet habits; 0 = whole frame)", metavar="FRACTION"),
     Option("model_backend", _choice("auto", "onnx", "awscam"), "run the model through ONNX "

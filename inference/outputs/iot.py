@@ -403,6 +403,7 @@ class IotOutput:
         self._queue: collections.deque[_Job] = collections.deque()
         self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_MESSAGES)
         self._stop = threading.Event()
+        self._drain_until = 0.0
         self._thread: threading.Thread | None = None
         self._rl = _RateLimitedLog()
         self._announced_model: str | None = None
@@ -437,9 +438,18 @@ class IotOutput:
         log.info("IoT: publishing to %s via %s", self.topic, self.publisher.name)
 
     def stop(self, timeout: float = 2.0) -> None:
+        """Stop within ``timeout``, sending what is queued first: the status lines and the latest
+        result (older queued results are dropped and counted, so the last one always has time)."""
         self.hub.remove_listener(self._on_hub)
-        self._stop.set()
         with self._cond:
+            self._drain_until = time.monotonic() + timeout / 2 * 0.9
+            items = [job for job in self._queue if job.item is not None]
+            if len(items) > 1:
+                last = items[-1]
+                self._queue = collections.deque(
+                    job for job in self._queue if job.item is None or job is last)
+                self.dropped_queue += len(items) - 1
+            self._stop.set()
             self._cond.notify_all()
         thread, self._thread = self._thread, None
         if thread is not None and thread is not threading.current_thread():
@@ -529,10 +539,12 @@ class IotOutput:
 
     # -- the publisher thread ------------------------------------------------------------------
     def _run(self, stop: threading.Event) -> None:
-        while not stop.is_set():
+        while True:
             with self._cond:
-                if not self._queue:
+                if not self._queue and not stop.is_set():
                     self._cond.wait(0.5)
+                if stop.is_set() and (not self._queue or time.monotonic() > self._drain_until):
+                    return  # drained, or out of time
                 job = self._queue.popleft() if self._queue else None
             if job is None:
                 continue
