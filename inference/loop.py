@@ -21,6 +21,7 @@ import cv2
 from inference import overlay
 from inference.config import Settings
 from inference.hub import FrameHub, target_size
+from inference.logutil import RateLimitedLog
 from inference.models.parse import select
 from inference.result import STAGES, Item, Result
 from inference.types import FrameSource, Image, Model
@@ -68,20 +69,6 @@ class LoopStats:
             "model_load_error": self.model_load_error,
             "stage_ms": {k: round(v, 3) for k, v in self.stage_ms.items()},
         }
-
-
-class _RateLimitedLog:
-    """One log line per distinct message per interval: a broken camera must not flood the log."""
-
-    def __init__(self, interval: float = 10.0) -> None:
-        self.interval = interval
-        self._last: dict[str, float] = {}
-
-    def __call__(self, level: int, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last.get(message, -1e9) >= self.interval:
-            self._last[message] = now
-            log.log(level, message, *args)
 
 
 def default_source_factory(settings: Settings) -> FrameSource:
@@ -134,7 +121,7 @@ class InferenceLoop:
         self._running = threading.Event()  # set = not paused
         self._seq = 0
         self._frame_times: collections.deque[float] = collections.deque(maxlen=30)
-        self._rl = _RateLimitedLog()
+        self._rl = RateLimitedLog(log)
         self._last_display_size = NO_SIGNAL_SIZE
 
     # -- set-up ----------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ from typing import Any, Protocol
 
 from inference.config import Settings
 from inference.hub import FrameHub, Published
+from inference.logutil import RateLimitedLog
 from inference.outputs import OutputError
 
 log = logging.getLogger(__name__)
@@ -365,18 +366,6 @@ class _Job:
     error: str | None = None  # or an error, sent as the seed's 'Error in ...: <error>'
 
 
-class _RateLimitedLog:
-    def __init__(self, interval: float = 10.0) -> None:
-        self.interval = interval
-        self._last: dict[str, float] = {}
-
-    def __call__(self, level: int, key: str, message: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -1e9) >= self.interval:
-            self._last[key] = now
-            log.log(level, message, *args)
-
-
 class IotOutput:
     name = "iot"
 
@@ -405,7 +394,7 @@ class IotOutput:
         self._stop = threading.Event()
         self._drain_until = 0.0
         self._thread: threading.Thread | None = None
-        self._rl = _RateLimitedLog()
+        self._rl = RateLimitedLog(log)
         self._announced_model: str | None = None
         self._loading_announced = False
         self._error_sent: dict[str, float] = {}
@@ -599,7 +588,7 @@ class IotOutput:
         if len(payload) > MAX_MESSAGE_BYTES:
             self.refused_too_large += 1
             outcome = f"refused: {len(payload)} bytes is over the {MAX_MESSAGE_BYTES // 1024} KB IoT limit"
-            self._rl(logging.WARNING, "too-large", "IoT message %s", outcome)
+            self._rl(logging.WARNING, "IoT message %s", outcome, key="too-large")
             self._remember(payload, outcome)
             return False
         try:
@@ -612,8 +601,8 @@ class IotOutput:
             self.errors += 1
             self._last_ok = False
             self.last_error = f"{type(exc).__name__}: {exc}"
-            self._rl(logging.WARNING, "publish-error", "IoT publish via %s failed: %s",
-                     self.publisher.name, self.last_error)
+            self._rl(logging.WARNING, "IoT publish via %s failed: %s", self.publisher.name,
+                     self.last_error, key="publish-error")
             self._remember(payload, f"error: {self.last_error}")
             return False
         self._last_ok = True
