@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ctypes
 import itertools
 import logging
 import queue
@@ -82,6 +83,21 @@ def _post(loop: asyncio.AbstractEventLoop, future: asyncio.Future[T], result: T 
         loop.call_soon_threadsafe(_settle, future, result, error)
     except RuntimeError:
         pass  # the event loop has closed: nobody awaits this any more
+
+
+def release_memory() -> None:
+    """Hand freed heap memory back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Frames are a few MB each. After the first one is freed, glibc raises its mmap threshold and
+    serves later frame-sized buffers from the heap, where a burst of viewers (encode buffers,
+    socket backlogs) leaves them cached after everyone has gone: the soak measured tens of MB kept
+    this way. Called when the last viewer leaves, so it costs nothing per frame.
+    """
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 async def call_in_thread(name: str, fn: Callable[..., T], *args: Any) -> T:
@@ -174,7 +190,8 @@ class _Rate:
         span = min(FPS_WINDOW, now - self._first)
         if span < 0.2:
             return 0.0
-        recent = sum(1 for t in self._times if now - t <= span)
+        # A snapshot: the inference thread may append while the event loop reads.
+        recent = sum(1 for t in tuple(self._times) if now - t <= span)
         return recent / span
 
 
@@ -227,6 +244,7 @@ class Broadcaster:
         self.hub = hub
         self._loop = loop
         self._event = asyncio.Event()
+        self._waiting = 0  # coroutines in wait_newer; none: a new frame wakes nobody
         self._closed = False
         self._ticker: asyncio.Task[None] | None = None
         self._frames: collections.OrderedDict[tuple[int, str], asyncio.Future[SharedFrame]] = (
@@ -266,15 +284,17 @@ class Broadcaster:
 
     def _listener(self, seq: int) -> None:
         # The inference thread calls this after each publish: hand off, never block it.
-        try:
-            self._loop.call_soon_threadsafe(self._on_seq, seq)
-        except RuntimeError:
-            pass  # the event loop is gone: the server has stopped and nobody is watching
-
-    def _on_seq(self, seq: int) -> None:
         if seq >= 0:
             self.publish_rate.add(time.monotonic())
-        self._wake()
+            if not self._waiting:
+                # Nobody is waiting for a frame: waking the event loop thread would cost a
+                # self-pipe write, an epoll round and a new Event per frame for nothing. A waiter
+                # counts itself before it looks at the hub, so it cannot miss this frame.
+                return
+        try:
+            self._loop.call_soon_threadsafe(self._wake)
+        except RuntimeError:
+            pass  # the event loop is gone: the server has stopped and nobody is watching
 
     def _wake(self) -> None:
         event, self._event = self._event, asyncio.Event()
@@ -290,13 +310,17 @@ class Broadcaster:
     # -- waiting ---------------------------------------------------------------------------------
     async def wait_newer(self, seq: int, deadline: float) -> bool:
         """True once the hub has a frame newer than ``seq``; False at ``deadline`` or shutdown."""
-        while not self._closed:
-            if self.hub.seq > seq and not self.hub.closed:
-                return True
-            if time.monotonic() >= deadline:
-                return False
-            await self._event.wait()
-        return False
+        self._waiting += 1
+        try:
+            while not self._closed:
+                if self.hub.seq > seq and not self.hub.closed:
+                    return True
+                if time.monotonic() >= deadline:
+                    return False
+                await self._event.wait()
+            return False
+        finally:
+            self._waiting -= 1
 
     async def sleep_until(self, deadline: float) -> bool:
         """Sleep to ``deadline``; False if the shutdown came first."""
@@ -349,6 +373,8 @@ class Broadcaster:
             if viewer.kind == "mjpeg":
                 self.frames_skipped += viewer.skipped
             log.debug("%s viewer %d left after %d frames", viewer.kind, viewer.id, viewer.sent)
+            if not self.viewers and not self.subscribers:
+                release_memory()
 
     def record_sent(self, viewer: Viewer, seq: int) -> None:
         now = time.monotonic()

@@ -117,7 +117,10 @@ def create_server(runtime: Runtime, settings: Settings) -> DashboardServer:
 def bind_socket(host: str, port: int) -> socket.socket:
     """A listening-ready socket on host:port; PortInUseError with a plain message if taken."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not the default 0: asyncio turns Nagle off (TCP_NODELAY) only on accepted
+    # sockets whose proto says TCP. With Nagle on, a response written as headers then body waited
+    # for the client's delayed ACK: /results took 44 ms instead of ~2 (bench/results_load.py).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     # Lets a restarted dashboard take the port while old connections sit in TIME_WAIT.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     # Accepted sockets inherit this. Autotuning lets a slow viewer's kernel buffer grow to MBs,

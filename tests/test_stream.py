@@ -291,3 +291,44 @@ def test_ffmpeg_reads_the_stream() -> None:
         )
         assert out.returncode == 0, out.stderr
 
+
+
+def test_broadcaster_wakes_the_event_loop_only_when_someone_waits() -> None:
+    """No viewer: a new frame must not wake the event loop thread; a waiter is still woken."""
+    import asyncio
+
+    from app.broadcast import Broadcaster
+    from inference.hub import FrameHub
+    from inference.result import Result
+
+    hub = FrameHub()
+    image = np.zeros((8, 8, 3), np.uint8)
+
+    def publish(seq: int) -> None:
+        hub.publish(image, Result(seq, time.time(), None, (8, 8)))
+
+    async def scenario() -> tuple[int, int, bool]:
+        broadcaster = Broadcaster(hub, asyncio.get_running_loop())
+        wakes = 0
+        wake = broadcaster._wake
+
+        def counting_wake() -> None:
+            nonlocal wakes
+            wakes += 1
+            wake()
+
+        broadcaster._wake = counting_wake  # type: ignore[method-assign]
+        hub.add_listener(broadcaster._listener)
+        for seq in (1, 2, 3):
+            threading.Thread(target=publish, args=(seq,)).start()
+        await asyncio.sleep(0.2)
+        idle_wakes = wakes
+        waiter = asyncio.create_task(broadcaster.wait_newer(3, time.monotonic() + 5))
+        await asyncio.sleep(0.05)
+        threading.Thread(target=publish, args=(4,)).start()
+        newer = await asyncio.wait_for(waiter, 5)
+        return idle_wakes, wakes, newer
+
+    idle_wakes, wakes, newer = asyncio.run(scenario())
+    assert idle_wakes == 0
+    assert newer and wakes >= 1
