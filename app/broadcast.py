@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from inference.hub import FrameHub, Published, target_size
+from inference.hub import Encoded, FrameHub, Published, target_size
 
 log = logging.getLogger(__name__)
 
@@ -33,15 +33,22 @@ FPS_WINDOW = 2.0
 
 @dataclass(frozen=True)
 class SharedFrame:
-    """One encoded frame, and its ready-made multipart part, shared by every viewer."""
+    """The hub's encode of a frame plus its ready-made multipart part, shared by every viewer."""
 
-    seq: int
-    timestamp: float
-    res: str
-    width: int
-    height: int
-    jpeg: bytes
+    encoded: Encoded
     part: bytes
+
+    @property
+    def seq(self) -> int:
+        return self.encoded.seq
+
+    @property
+    def timestamp(self) -> float:
+        return self.encoded.timestamp
+
+    @property
+    def jpeg(self) -> bytes:
+        return self.encoded.jpeg
 
 
 def make_part(seq: int, timestamp: float, jpeg: bytes) -> bytes:
@@ -158,10 +165,7 @@ class Encoder:
         encoded = self.hub.jpeg(res, item)
         if encoded is None:  # unreachable with an item given, but keep the type honest
             raise RuntimeError("no frame to encode")
-        return SharedFrame(
-            encoded.seq, encoded.timestamp, res, encoded.width, encoded.height, encoded.jpeg,
-            make_part(encoded.seq, encoded.timestamp, encoded.jpeg),
-        )
+        return SharedFrame(encoded, make_part(encoded.seq, encoded.timestamp, encoded.jpeg))
 
     def stop(self, timeout: float = 1.0) -> None:
         for _ in self._threads:

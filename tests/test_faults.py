@@ -25,7 +25,6 @@ import numpy as np
 import psutil
 import pytest
 
-from app.server import ServerThread, create_server
 from inference.config import Settings
 from inference.models import load_model
 from inference.models import parse as parsers
@@ -35,7 +34,14 @@ from inference.sources.synthetic import SyntheticSource
 from inference.types import Image, ModelInfo
 from tests import onnx_graphs
 from tests.conftest import free_port
-from tests.test_server import TOKEN, PartReader, Running, fake_model_factory, running_server
+from tests.test_server import (
+    TOKEN,
+    PartReader,
+    Running,
+    fake_model_factory,
+    running_server,
+    serve_runtime,
+)
 
 
 def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 30.0) -> Any:
@@ -49,15 +55,6 @@ def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 30.0) -
         time.sleep(0.05)
 
 
-@contextmanager
-def serve(runtime: Runtime, settings: Settings) -> Iterator[Running]:
-    thread = ServerThread(create_server(runtime, settings))
-    thread.start()
-    try:
-        yield Running(thread.url, runtime, thread, settings)
-    finally:
-        thread.stop(timeout=2.0)
-        runtime.stop()
 
 
 def loop_thread(srv: Running) -> threading.Thread:
@@ -197,7 +194,7 @@ def upstream_camera(port: int) -> Iterator[Running]:
     settings = Settings(source="synthetic:320x180@30", host="127.0.0.1", port=port, token=TOKEN,
                         fifo="off", iot="off", log_level="warning")
     runtime = Runtime(settings, model_factory=fake_model_factory)
-    with serve(runtime, settings) as srv:
+    with serve_runtime(runtime, settings) as srv:
         yield srv
 
 
@@ -333,7 +330,7 @@ def test_fifo_path_replaced_by_a_file_shows_in_health_and_the_loop_goes_on(tmp_p
     runtime = Runtime(settings, model_factory=fake_model_factory)
     for output in build_outputs(settings, runtime.hub):
         runtime.add_output(output)
-    with serve(runtime, settings) as srv, srv.client() as client:
+    with serve_runtime(runtime, settings) as srv, srv.client() as client:
         wait_until(lambda: fifo.exists(), "the FIFO to be made")
         reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
         try:

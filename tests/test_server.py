@@ -146,12 +146,20 @@ def running_server(
     runtime = Runtime(settings, **kwargs)
     for output in outputs:
         runtime.add_output(output)
+    with serve_runtime(runtime, settings) as running:
+        yield running
+
+
+@contextmanager
+def serve_runtime(runtime: Runtime, settings: Settings) -> Iterator[Running]:
+    """A real uvicorn on ``settings``' loopback port serving ``runtime``; stopped on exit."""
     thread = ServerThread(create_server(runtime, settings))
     thread.start()
     try:
         yield Running(thread.url, runtime, thread, settings)
     finally:
         thread.stop(timeout=2.0)
+        runtime.stop()
         assert thread._thread is not None and not thread._thread.is_alive()
 
 
