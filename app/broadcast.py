@@ -70,7 +70,7 @@ def effective_res(item: Published, res: str) -> str:
     """
     if res == "native":
         return res
-    h, w = item.image.shape[:2]
+    w, h = item.size
     tw, th = target_size(w, h, res)
     return "native" if tw >= w or th >= h else res
 

@@ -6,12 +6,13 @@ The dashboard (source synthetic 1280x720@30, EfficientNet-Lite0 on 1 thread, FIF
 in its own process; viewers read ``/stream.mjpg?res=720p`` on raw sockets from client processes
 and note, for every part, the wall-clock time its last byte arrived (same machine, same clock as
 the server's ``time.time()`` capture stamp). One /results/events subscriber in the same run gives
-each frame's own pipeline time (preprocess + inference + postprocess + overlay, the result's
+each frame's own pipeline time (preprocess + inference + postprocess, the result's
 ``timings_ms``), so each part's latency splits into:
 
 - capture-to-viewer = arrival - X-Timestamp (what the issue names);
-- publish-to-viewer = capture-to-viewer - that frame's pipeline time: what the hub, the encode and
-  the fan-out add after the loop has published the frame.
+- publish-to-viewer = capture-to-viewer - that frame's pipeline time: what the hub, the resize
+  and overlay (drawn at the first consumer's request), the encode and the fan-out add after the
+  loop has published the frame.
 
 The JPEG encode time is measured in the same window (the hub's encode_seconds over its encodes,
 from /api/stats). Targets: p50 <= encode + 5 ms; p99 < one frame interval (33.3 ms) at 20 viewers.
@@ -40,7 +41,7 @@ from bench.common import (  # noqa: E402
     start_viewers,
 )
 
-PIPELINE = ("preprocess", "inference", "postprocess", "overlay")
+PIPELINE = ("preprocess", "inference", "postprocess")
 INTERVAL_MS = 1000.0 / 30
 
 

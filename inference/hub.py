@@ -40,12 +40,48 @@ def target_size(width: int, height: int, res: str) -> tuple[int, int]:
     return max(2, round(width * scale / 2) * 2), max(2, round(height * scale / 2) * 2)
 
 
-@dataclass(frozen=True)
+Render = Callable[[Image], Image]
+
+
 class Published:
-    seq: int
-    timestamp: float
-    image: Image  # never mutated after publishing
-    result: Result
+    """One published frame and its result.
+
+    The loop hands over the captured frame and a ``render`` that resizes it and draws the overlay;
+    the drawing happens once, when the first consumer asks for :attr:`image`, so a frame nobody
+    watches costs no resize and no drawing.
+    """
+
+    __slots__ = ("seq", "timestamp", "result", "size", "_raw", "_render", "_image", "_lock")
+
+    def __init__(self, seq: int, timestamp: float, image: Image, result: Result,
+                 render: Render | None = None, size: tuple[int, int] | None = None) -> None:
+        self.seq = seq
+        self.timestamp = timestamp
+        self.result = result
+        # (width, height) of :attr:`image`, known without rendering it.
+        self.size = size or (int(image.shape[1]), int(image.shape[0]))
+        self._raw: Image | None = image
+        self._render = render
+        self._image: Image | None = image if render is None else None
+        self._lock = threading.Lock()
+
+    @property
+    def rendered(self) -> bool:
+        return self._image is not None
+
+    @property
+    def image(self) -> Image:
+        """The frame as people see it; never mutated once returned."""
+        image = self._image
+        if image is not None:
+            return image
+        with self._lock:
+            if self._image is None:
+                raw, render = self._raw, self._render
+                assert raw is not None and render is not None
+                self._image = render(raw)
+                self._raw = self._render = None  # the captured frame is no longer needed
+            return self._image
 
 
 @dataclass(frozen=True)
@@ -73,8 +109,11 @@ class FrameHub:
         self.encode_seconds = 0.0
 
     # -- producer side -------------------------------------------------------------------------
-    def publish(self, image: Image, result: Result) -> None:
-        item = Published(result.seq, result.timestamp, image, result)
+    def publish(self, image: Image, result: Result, render: Render | None = None,
+                size: tuple[int, int] | None = None) -> None:
+        """Publish ``image`` (or, with ``render``, what ``render(image)`` will make of it, of
+        ``size``, drawn at the first consumer's request)."""
+        item = Published(result.seq, result.timestamp, image, result, render, size)
         with self._cond:
             self._latest = item
             self.published += 1
@@ -158,9 +197,9 @@ class FrameHub:
 
     def _encode(self, item: Published, res: str) -> Encoded:
         started = time.perf_counter()
-        h, w = item.image.shape[:2]
-        tw, th = target_size(w, h, res)
         image = item.image
+        h, w = image.shape[:2]
+        tw, th = target_size(w, h, res)
         if (tw, th) != (w, h):
             image = cv2.resize(image, (tw, th), interpolation=cv2.INTER_LINEAR)
         ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, self.jpeg_quality])

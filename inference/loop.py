@@ -20,7 +20,7 @@ import cv2
 
 from inference import overlay
 from inference.config import Settings
-from inference.hub import FrameHub, target_size
+from inference.hub import FrameHub, Render, target_size
 from inference.logutil import RateLimitedLog
 from inference.models.parse import select
 from inference.result import STAGES, Item, Result
@@ -316,14 +316,12 @@ class InferenceLoop:
                     preprocess=(t1 - t) * 1000, inference=(t2 - t1) * 1000,
                     postprocess=(t3 - t2) * 1000,
                 )
-                t = t3
             except Exception as exc:
                 self.stats.model_errors += 1
                 error = f"model error: {exc}" if str(exc) else f"model error: {type(exc).__name__}"
                 self.stats.last_model_error = error
                 self._rl(logging.WARNING, "%s", error)
                 parsed, items = {}, ()
-                t = time.perf_counter()
         else:
             error = f"model not loaded: {self.stats.model_load_error or 'no model'}"
 
@@ -331,20 +329,11 @@ class InferenceLoop:
         if dw > w:
             # Never upscale here: a viewer asking for more gets it from the hub's one encode.
             dw, dh = w, h
-        display = frame if (dw, dh) == (w, h) else cv2.resize(frame, (dw, dh))
-        display_items = items if (dw, dh) == (w, h) else scale_items(items, dw / w, dh / h)
         now = time.monotonic()
         self._frame_times.append(now)
         fps = self._fps()
-        if settings.overlay:
-            if "classification" in parsed:
-                overlay.draw_classification(display, display_items)
-            elif "ssd" in parsed:
-                overlay.draw_boxes(display, display_items)
-            elif "segmentation" in parsed:
-                overlay.draw_segmentation(display, parsed["segmentation"])
-            overlay.draw_status(display, fps, timings.get("inference", 0.0), error)
-        timings["overlay"] = (time.perf_counter() - t) * 1000
+        render = self._renderer((w, h), (dw, dh), items, parsed, settings.overlay, fps,
+                                timings.get("inference", 0.0), error)
         self._seq += 1
         result = Result(
             seq=self._seq, timestamp=timestamp, model=model.info if model else None,
@@ -353,7 +342,35 @@ class InferenceLoop:
         )
         self._record(timings, fps, now)
         self._last_display_size = (dw, dh)
-        self.hub.publish(display, result)
+        self.hub.publish(frame, result, render, (dw, dh))
+
+    def _renderer(
+        self, size: tuple[int, int], display: tuple[int, int], items: tuple[Item, ...],
+        parsed: dict[str, Any], draw: bool, fps: float, inference_ms: float, error: str | None,
+    ) -> Render | None:
+        """How the captured frame becomes the frame people see: resized to the display size,
+        overlay drawn. The hub runs it for the first consumer only, so with nobody watching a
+        frame costs neither."""
+        (w, h), (dw, dh) = size, display
+        if (dw, dh) == (w, h) and not draw:
+            return None
+
+        def render(frame: Image) -> Image:
+            started = time.perf_counter()
+            image = frame if (dw, dh) == (w, h) else cv2.resize(frame, (dw, dh))
+            if draw:
+                shown = items if (dw, dh) == (w, h) else scale_items(items, dw / w, dh / h)
+                if "classification" in parsed:
+                    overlay.draw_classification(image, shown)
+                elif "ssd" in parsed:
+                    overlay.draw_boxes(image, shown)
+                elif "segmentation" in parsed:
+                    overlay.draw_segmentation(image, parsed["segmentation"])
+                overlay.draw_status(image, fps, inference_ms, error)
+            self._record_stage("overlay", (time.perf_counter() - started) * 1000)
+            return image
+
+        return render
 
     def _fps(self) -> float:
         times = self._frame_times
@@ -367,8 +384,12 @@ class InferenceLoop:
         stats.fps = fps
         stats.last_frame_time = time.time()
         for stage, ms in timings.items():
-            # An average over ~20 frames: steady enough to read, quick to follow a change.
-            stats.stage_ms[stage] = stats.stage_ms.get(stage, ms) * 0.95 + ms * 0.05
+            self._record_stage(stage, ms)
+
+    def _record_stage(self, stage: str, ms: float) -> None:
+        # An average over ~20 frames: steady enough to read, quick to follow a change.
+        stage_ms = self.stats.stage_ms
+        stage_ms[stage] = stage_ms.get(stage, ms) * 0.95 + ms * 0.05
 
     def _on_capture_failure(self, reason: str, stop: threading.Event) -> None:
         stats = self.stats

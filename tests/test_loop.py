@@ -153,6 +153,49 @@ def test_overlay_draws_only_when_on(make_loop: Any) -> None:
     assert int(drawn.image[60:, :, :].sum()) != n
 
 
+def test_overlay_and_resize_wait_for_a_consumer_and_happen_once(make_loop: Any) -> None:
+    """A frame nobody looks at is neither resized nor drawn on (the idle cost); the first
+    consumer draws it, every other consumer, on any thread, gets that same array."""
+    loop = make_loop(Settings(source="unused", display_res="480p"),
+                     source=SyntheticSource(1280, 720, fps=100), model=ScriptedModel())
+    loop.start()
+    items = collect(loop.hub, 5)
+    assert not any(i.rendered for i in items)
+    assert loop.stats.stage_ms["overlay"] == 0.0  # nothing was ever drawn
+    item = items[-1]
+    assert item.size == (858, 480)  # the DeepLens 480p size, not yet made
+    images: list[Image] = []
+    threads = [threading.Thread(target=lambda: images.append(item.image), name=f"consumer-{n}")
+               for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(5)
+    assert len(images) == 8 and all(image is images[0] for image in images)
+    assert images[0].shape[1::-1] == item.size
+    assert loop.stats.stage_ms["overlay"] > 0.0
+    assert not items[-2].rendered  # only what was asked for
+    encoded = loop.hub.jpeg("native", item)
+    assert encoded is not None and (encoded.width, encoded.height) == item.size
+
+
+def test_a_drawn_frame_differs_from_the_captured_one_only_where_the_overlay_is(make_loop: Any) -> None:
+    source = SyntheticSource(320, 180, fps=100)
+    loop = make_loop(source=source, model=ScriptedModel())
+    loop.start()
+    item = collect(loop.hub, 1)[0]
+    raw = item._raw
+    assert raw is not None
+    before = raw.copy()
+    drawn = item.image
+    assert item._raw is None  # the captured frame is let go once drawn
+    changed = np.argwhere((drawn != before).any(axis=2))
+    assert len(changed) > 0
+    # the classification label sits top-left, the status line bottom-left: the right half of the
+    # middle rows is untouched
+    assert not ((changed[:, 0] > 70) & (changed[:, 0] < 130) & (changed[:, 1] > 200)).any()
+
+
 def test_pause_resume_stop_start(make_loop: Any) -> None:
     loop = make_loop(source=SyntheticSource(160, 90, fps=100), model=ScriptedModel())
     loop.start()

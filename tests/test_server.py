@@ -248,7 +248,7 @@ def test_results_is_pretty_json_with_payload_and_state() -> None:
         assert data["model"]["name"] == "fake" and data["model"]["type"] == "classification"
         assert [r["name"] for r in data["results"]] == [LABELS[i] for i in range(5)]
         assert data["payload"] == pytest.approx({r["name"]: r["prob"] for r in data["results"]}, abs=1e-6)
-        assert set(data["timings_ms"]) >= {"capture", "inference", "overlay"}
+        assert set(data["timings_ms"]) >= {"capture", "preprocess", "inference", "postprocess"}
         assert abs(data["timestamp"] - time.time()) < 600
 
 
