@@ -495,8 +495,9 @@ def mqtt_output(hub: FrameHub, url: str, thing: str, **kw: Any) -> IotOutput:
     return IotOutput(settings, hub, make_publisher(settings, thing))
 
 
-def test_mqtt_subscriber_receives_the_seed_payload(broker: Broker, subscribers: Any,
-                                                   hub: FrameHub) -> None:
+def test_mqtt_subscriber_receives_the_seed_payload(broker: Broker, subscribers: Any, hub: FrameHub,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="inference.outputs.iot")
     thing = "cam-seed"
     sub = subscribers(broker.port, thing)
     out = mqtt_output(hub, broker.url, thing)
@@ -515,6 +516,9 @@ def test_mqtt_subscriber_receives_the_seed_payload(broker: Broker, subscribers: 
         out.stop()
     # A clean stop says offline itself (the broker only sends the will on a lost connection).
     assert wait_for(lambda: sub.on(availability_topic(thing))[-1:] == [b"offline"])
+    # ... and is not reported as a lost connection
+    assert wait_for(lambda: "MQTT disconnected from" in caplog.text)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 def test_broker_absent_at_start_then_started(brokers: Any, subscribers: Any, hub: FrameHub) -> None:

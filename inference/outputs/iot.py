@@ -203,6 +203,7 @@ class MqttPublisher:
         self.client_id = client_id or thing
         self._connected = threading.Event()
         self._started = False
+        self._closing = False
         self._last_reason = "not connected yet"
         self.connects = 0
         self.disconnects = 0
@@ -252,6 +253,10 @@ class MqttPublisher:
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         was = self._connected.is_set()
         self._connected.clear()
+        if self._closing:
+            self._last_reason = "closed"
+            log.info("MQTT disconnected from %s", self.url)
+            return
         self._last_reason = f"disconnected ({reason}); reconnecting"
         if was:
             self.disconnects += 1
@@ -265,6 +270,7 @@ class MqttPublisher:
         if self._started:
             return
         self._started = True
+        self._closing = False
         self._client.connect_async(self.host, self.port, keepalive=30)
         self._client.loop_start()
         log.info("MQTT publishing to %s as %r", self.url, self.client_id)
@@ -318,6 +324,7 @@ class MqttPublisher:
         if not self._started:
             return
         self._started = False
+        self._closing = True  # our own disconnect is not a lost connection: no warning
         if self._connected.is_set():
             # A clean disconnect suppresses the last will: say offline ourselves.
             info = self._client.publish(self.availability, "offline", qos=1, retain=True)
