@@ -20,6 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator, Sequence
@@ -426,6 +427,30 @@ def poll_results_process(port: int, rate: float, t0: float, t1: float, out: Any)
 
 
 # -- model-only ------------------------------------------------------------------------------------
+def thread_sched(pid: int, tid: int) -> tuple[float, float]:
+    """A thread's (seconds on a CPU, seconds runnable but waiting for one) from the kernel's
+    schedstat (Linux). Wall time minus both is time it slept: the GIL, a lock, its source."""
+    fields = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
+    return int(fields[0]) / 1e9, int(fields[1]) / 1e9
+
+
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine so far, from /proc/stat."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def loop_breakdown(s0: tuple[float, float], s1: tuple[float, float], frames: int,
+                   elapsed: float) -> dict[str, float]:
+    """Where the loop thread's time per frame went, in ms: on a CPU, waiting for one, asleep."""
+    n = max(frames, 1)
+    cpu, runq = (s1[0] - s0[0]) * 1000 / n, (s1[1] - s0[1]) * 1000 / n
+    frame = elapsed * 1000 / n
+    return {"loop_frame_ms": frame, "loop_cpu_ms": cpu, "loop_runq_ms": runq,
+            "loop_sleep_ms": max(0.0, frame - cpu - runq)}
+
+
 def model_only_worker(source: str, source_fps: float | None, warmup: float,
                       window: float) -> dict[str, float]:
     """Read the source, preprocess, infer and parse in a plain loop: the model's own pace on the
@@ -444,7 +469,9 @@ def model_only_worker(source: str, source_fps: float | None, warmup: float,
             frame = src.read()
             if frame is not None:
                 model.parse(model.infer(model.preprocess(frame)))
+        tid = threading.get_native_id()
         cpu0, t0, frames = sum(me.cpu_times()[:2]), time.monotonic(), 0
+        sched0 = thread_sched(os.getpid(), tid)
         while time.monotonic() - t0 < window:
             frame = src.read()
             if frame is None:
@@ -452,10 +479,12 @@ def model_only_worker(source: str, source_fps: float | None, warmup: float,
             model.parse(model.infer(model.preprocess(frame)))
             frames += 1
         elapsed = time.monotonic() - t0
+        sched1 = thread_sched(os.getpid(), tid)
         cpu = sum(me.cpu_times()[:2]) - cpu0
     finally:
         src.close()
-    return {"fps": frames / elapsed, "cpu_percent": 100.0 * cpu / elapsed}
+    return {"fps": frames / elapsed, "cpu_percent": 100.0 * cpu / elapsed,
+            **loop_breakdown(sched0, sched1, frames, elapsed)}
 
 
 def run_model_only(source: str, source_fps: float | None, warmup: float, window: float) -> dict[str, float]:

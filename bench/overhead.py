@@ -50,7 +50,9 @@ from bench.common import (  # noqa: E402
     dashboard,
     demo_clip,
     ffmpeg_reader,
+    loop_breakdown,
     machine,
+    machine_ticks,
     median,
     mosquitto,
     poll_results_process,
@@ -58,6 +60,7 @@ from bench.common import (  # noqa: E402
     sse_process,
     start_viewers,
     stop_process,
+    thread_sched,
 )
 
 
@@ -93,8 +96,11 @@ def run_dashboard(source: str, mqtt: tuple[int, int], viewers: int, warmup: floa
             time.sleep(max(0.0, t0 - time.time()))
             others = [reader.pid, mqtt[1]] + [p.pid for p in procs + extra if p.pid]
             s0, c0, o0, w0 = server.stats(), server.cpu_seconds(), clients_cpu(others), time.monotonic()
+            tid = s0["loop_thread_id"]
+            l0, m0 = thread_sched(server.pid, tid), machine_ticks()
             time.sleep(max(0.0, t1 - time.time()))
             s1, c1, o1, w1 = server.stats(), server.cpu_seconds(), clients_cpu(others), time.monotonic()
+            l1, m1 = thread_sched(server.pid, tid), machine_ticks()
             results = collect_viewers(procs, out)
             side_results = [side.get(timeout=30) for _ in extra]
         finally:
@@ -111,6 +117,8 @@ def run_dashboard(source: str, mqtt: tuple[int, int], viewers: int, warmup: floa
         return {
             "fps": (s1["frames"] - s0["frames"]) / elapsed,
             "cpu_percent": 100.0 * (c1 - c0) / elapsed,
+            "machine_busy_percent": 100.0 * os.cpu_count() * (m1[0] - m0[0]) / max(1, m1[1] - m0[1]),
+            **loop_breakdown(l0, l1, s1["frames"] - s0["frames"], elapsed),
             "clients_cpu_percent": 100.0 * (o1 - o0) / elapsed,
             "viewer_fps_median": median(fps), "viewer_fps_min": min(fps, default=0.0),
             "viewers_ok": len(fps),
@@ -241,6 +249,17 @@ def main() -> int:
         clients = f"{med(key, 'clients_cpu_percent'):.0f}" if key != "seed" else "-"
         print(f"| {label} | {med(key):.1f} | {median(ratios[key]):.3f} | {min(ratios[key]):.3f} | "
               f"{med(key, 'cpu_percent'):.0f} | {clients} |")
+    print()
+    print("Where the loop thread's time per frame goes (ms, medians; kernel schedstat of that thread):")
+    print()
+    print("| configuration | frame | on a CPU | runnable, waiting for a CPU | asleep (GIL, locks, source) "
+          "| whole machine busy (of 200 %) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for key, label in (("model-only", "model-only"), *((k, labels[k]) for k in ("dashboard",
+                                                                                 "dashboard-seed-outputs"))):
+        busy = f"{med(key, 'machine_busy_percent'):.0f} %" if key != "model-only" else "-"
+        print(f"| {label} | {med(key, 'loop_frame_ms'):.2f} | {med(key, 'loop_cpu_ms'):.2f} | "
+              f"{med(key, 'loop_runq_ms'):.2f} | {med(key, 'loop_sleep_ms'):.2f} | {busy} |")
     print()
     ratio = median(ratios["dashboard"])
     print(f"- dashboard (everything on) / model-only = {ratio:.3f} (target >= 0.95): "

@@ -55,6 +55,8 @@ class LoopStats:
     last_frame_time: float = 0.0
     stage_ms: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
     fps: float = 0.0
+    # The loop's OS thread id: what `top -H`, py-spy and /proc/PID/task/ID know it by.
+    thread_id: int | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -232,6 +234,7 @@ class InferenceLoop:
     # -- the loop --------------------------------------------------------------------------------
     def _run(self, stop: threading.Event) -> None:
         log.info("inference loop started")
+        self.stats.thread_id = threading.get_native_id()
         while not stop.is_set():
             if not self._running.is_set():
                 self._running.wait(0.2)

@@ -289,6 +289,8 @@ def test_stats_metrics_docs_and_iot_messages() -> None:
         for key in ("capture_fps", "inference_fps", "delivered_fps", "frames_skipped", "viewers"):
             assert key in stats
         assert stats["jpeg"]["encodes_total"] == 0 and stats["viewers"] == []
+        # the loop's OS thread id names a thread of this process (what top -H / py-spy show)
+        assert os.path.isdir(f"/proc/{os.getpid()}/task/{stats['loop_thread_id']}")
         assert stats["outputs"] == {"fake-iot": {"sent": 1}}
         metrics = client.get("/metrics")
         assert metrics.headers["content-type"].startswith("text/plain")
