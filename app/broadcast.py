@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from inference.hub import Encoded, FrameHub, Published, target_size
+from inference.hub import Encoded, FrameHub, Published, effective_res
 
 log = logging.getLogger(__name__)
 
@@ -61,18 +61,6 @@ def make_part(seq: int, timestamp: float, jpeg: bytes) -> bytes:
         "\r\n"
     ).encode()
     return head + jpeg + b"\r\n"
-
-
-def effective_res(item: Published, res: str) -> str:
-    """The cache key for ``res``: a request that would not shrink the frame shares 'native'.
-
-    Upscaling would only cost CPU and bandwidth, and two names for one size would encode twice.
-    """
-    if res == "native":
-        return res
-    w, h = item.size
-    tw, th = target_size(w, h, res)
-    return "native" if tw >= w or th >= h else res
 
 
 def _settle(future: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:

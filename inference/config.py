@@ -337,7 +337,8 @@ OPTIONS: tuple[Option, ...] = (
            metavar="FILE"),
     Option("fifo", parse_fifo, "project-stream FIFO for mplayer, or 'off'", group="outputs",
            metavar="PATH|off"),
-    Option("fifo_res", _choice("480p", "720p", "1080p"), "resolution written to the FIFO",
+    Option("fifo_res", _choice("480p", "720p", "1080p"), "resolution written to the FIFO (a "
+           "smaller source is written at its own size, never upscaled)",
            group="outputs", live=True),
     Option("iot", _choice("auto", "greengrass", "mqtt", "log", "off"), "where results are "
            "published: auto = greengrass inside a core, mqtt with --mqtt, else log",

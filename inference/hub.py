@@ -84,6 +84,18 @@ class Published:
             return self._image
 
 
+def effective_res(item: Published, res: str) -> str:
+    """The cache key for ``res``: a request that would not shrink the frame shares 'native'.
+
+    Upscaling would only cost CPU and bandwidth, and two names for one size would encode twice.
+    """
+    if res == "native":
+        return res
+    w, h = item.size
+    tw, th = target_size(w, h, res)
+    return "native" if tw >= w or th >= h else res
+
+
 @dataclass(frozen=True)
 class Encoded:
     seq: int

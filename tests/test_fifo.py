@@ -84,7 +84,7 @@ def decode(jpeg: bytes) -> Image:
 class Feeder:
     """Publishes numbered frames into a hub at ~30 fps from a named, stoppable thread."""
 
-    def __init__(self, hub: FrameHub, size: tuple[int, int] = (640, 360), fps: float = 30.0) -> None:
+    def __init__(self, hub: FrameHub, size: tuple[int, int] = (1280, 720), fps: float = 30.0) -> None:
         self.hub = hub
         self.size = size
         self.interval = 1.0 / fps
@@ -193,8 +193,8 @@ def test_reader_comes_goes_and_comes_back(writer: FifoWriter, feeding: Feeder,
 
 def test_each_frame_is_written_once(writer: FifoWriter, hub: FrameHub, fifo_path: Path) -> None:
     """The seed rewrote the same JPEG in a busy loop; here a still hub means a silent pipe."""
-    image = np.zeros((360, 640, 3), np.uint8)
-    hub.publish(image, Result(1, time.time(), None, (640, 360)))
+    image = np.zeros((720, 1280, 3), np.uint8)
+    hub.publish(image, Result(1, time.time(), None, (1280, 720)))
     fd = os.open(fifo_path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         assert wait_for(lambda: writer.stats()["frames_written"] == 1)
@@ -266,6 +266,19 @@ def test_resolution_changes_live(writer: FifoWriter, feeding: Feeder, fifo_path:
     writer.apply(Settings(fifo_res="720p"))
     frames, _ = read_fifo(fifo_path, 2)
     assert [decode(f).shape for f in frames] == [(720, 1280, 3)] * 2
+
+
+def test_a_source_smaller_than_fifo_res_is_written_at_its_own_size(
+    writer: FifoWriter, hub: FrameHub, fifo_path: Path
+) -> None:
+    """An upscale would cost a resize and a second encode per frame for no detail: the FIFO gets
+    the frame as it is, the same bytes a viewer gets (one encode for both)."""
+    with Feeder(hub, size=(640, 272)):
+        frames, _ = read_fifo(fifo_path, 3)
+        assert [decode(f).shape for f in frames] == [(272, 640, 3)] * 3
+        viewer = hub.jpeg("native")
+        assert viewer is not None
+    assert hub.encodes["480p"] == 0 and hub.encodes["native"] >= 3
 
 
 def test_regular_file_is_refused_and_left_intact(fifo_path: Path, hub: FrameHub) -> None:

@@ -30,7 +30,7 @@ import time
 from typing import Any
 
 from inference.config import Settings
-from inference.hub import FrameHub
+from inference.hub import FrameHub, effective_res
 from inference.outputs import OutputError
 
 log = logging.getLogger(__name__)
@@ -177,7 +177,10 @@ class FifoWriter:
                 if seq:
                     self.frames_skipped += item.seq - seq - 1
                 seq = item.seq
-                encoded = self.hub.jpeg(self.res, item)
+                # A source smaller than --fifo-res is written at its own size, as viewers get it:
+                # an upscale would cost a resize and a second encode per frame and show nothing
+                # more (mplayer scales the window itself).
+                encoded = self.hub.jpeg(effective_res(item, self.res), item)
                 if encoded is not None:
                     self._write_frame(encoded.jpeg)
             except Exception as exc:  # the writer must outlive any one bad frame
