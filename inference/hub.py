@@ -208,8 +208,8 @@ class FrameHub:
             return encoded
 
     def _encode(self, item: Published, res: str) -> Encoded:
+        image = item.image  # drawn here if nobody has yet; that time is the loop's stage_ms.overlay
         started = time.perf_counter()
-        image = item.image
         h, w = image.shape[:2]
         tw, th = target_size(w, h, res)
         if (tw, th) != (w, h):
