@@ -1,6 +1,6 @@
 """Loop fps with every overlay on vs model-only fps, side by side on the same frames.
 
-    python bench/loop_overhead.py [--frames 300] [--repeats 5]
+    python bench/loop_overhead.py [--frames 300] [--repeats 5] [--threads 1]
 
 model-only: preprocess -> infer -> parse on pre-decoded frames in a plain for loop.
 loop:       the InferenceLoop thread on the same pre-decoded frames (capture, preprocess, infer,
@@ -112,13 +112,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--frames", type=int, default=300)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="ONNX Runtime intra-op threads, as the other benchmarks (0 = the "
+                             "product's default, one per core)")
     args = parser.parse_args()
     frames = decode_frames(args.frames)
     print(f"frames: {len(frames)} of bikes.mp4 ({frames[0].shape[1]}x{frames[0].shape[0]}), "
-          f"repeats: {args.repeats}, display 720p, overlays on")
+          f"repeats: {args.repeats}, display 720p, overlays on, ONNX Runtime threads {args.threads}")
     print(f"{'model':<20}{'model-only fps':>16}{'loop fps':>12}{'ratio':>8}{'worst pair':>12}")
     for name in ("efficientnet-lite0", "centerface"):
-        r = bench(name, frames, args.repeats)
+        r = bench(name, frames, args.repeats, threads=args.threads)
         print(f"{name:<20}{r['model_only']:>16.1f}{r['loop']:>12.1f}{r['ratio']:>8.3f}"
               f"{r['ratio_min']:>12.3f}")
 
