@@ -362,14 +362,19 @@ class InferenceLoop:
             started = time.perf_counter()
             image = frame if (dw, dh) == (w, h) else cv2.resize(frame, (dw, dh))
             if draw:
-                shown = items if (dw, dh) == (w, h) else scale_items(items, dw / w, dh / h)
-                if "classification" in parsed:
-                    overlay.draw_classification(image, shown)
-                elif "ssd" in parsed:
-                    overlay.draw_boxes(image, shown)
-                elif "segmentation" in parsed:
-                    overlay.draw_segmentation(image, parsed["segmentation"])
-                overlay.draw_status(image, fps, inference_ms, error)
+                try:
+                    shown = items if (dw, dh) == (w, h) else scale_items(items, dw / w, dh / h)
+                    if "classification" in parsed:
+                        overlay.draw_classification(image, shown)
+                    elif "ssd" in parsed:
+                        overlay.draw_boxes(image, shown)
+                    elif "segmentation" in parsed:
+                        overlay.draw_segmentation(image, parsed["segmentation"])
+                    overlay.draw_status(image, fps, inference_ms, error)
+                except Exception as exc:
+                    # This runs on a consumer's thread (an encoder, the FIFO writer): a drawing
+                    # bug must cost the overlay, not the frame, the stream or the FIFO reader.
+                    self._rl(logging.WARNING, "overlay not drawn: %s", exc, key="overlay")
             self._record_stage("overlay", (time.perf_counter() - started) * 1000)
             return image
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import statistics
 import threading
 import time
@@ -194,6 +195,26 @@ def test_a_drawn_frame_differs_from_the_captured_one_only_where_the_overlay_is(m
     # the classification label sits top-left, the status line bottom-left: the right half of the
     # middle rows is untouched
     assert not ((changed[:, 0] > 70) & (changed[:, 0] < 130) & (changed[:, 1] > 200)).any()
+
+
+def test_a_failing_overlay_costs_the_overlay_not_the_frame(
+    make_loop: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from inference import overlay
+
+    def broken(*args: Any) -> None:
+        raise ValueError("bad label text")
+
+    monkeypatch.setattr(overlay, "draw_classification", broken)
+    loop = make_loop(source=SyntheticSource(320, 180, fps=100), model=ScriptedModel())
+    loop.start()
+    items = collect(loop.hub, 3)
+    with caplog.at_level(logging.WARNING, logger="inference.loop"):
+        images = [item.image for item in items]
+    assert [image.shape for image in images] == [(180, 320, 3)] * 3
+    assert loop.hub.jpeg("native", items[-1]) is not None  # a viewer still gets the frame
+    lines = [r for r in caplog.records if "overlay not drawn: bad label text" in r.getMessage()]
+    assert len(lines) == 1  # rate-limited, not one line per frame
 
 
 def test_pause_resume_stop_start(make_loop: Any) -> None:
