@@ -269,10 +269,10 @@ def main() -> int:
     print("- client-side CPU = the viewer and SSE/poll client processes, ffmpeg and mosquitto, all on "
           "this machine")
     probe_ratios = contention(source)
-    probe = median(probe_ratios)
-    verdict = ("a busy neighbour alone slows the model" if probe < 0.95
+    bound = median(probe_ratios)
+    verdict = ("a busy neighbour alone slows the model" if bound < 0.95
                else "a busy neighbour alone does not explain the gap")
-    print(f"- the machine's bound: the model alone runs at x{probe:.3f} of its speed "
+    print(f"- the machine's bound: the model alone runs at x{bound:.3f} of its speed "
           f"(pairs: {', '.join(f'{r:.3f}' for r in probe_ratios)}) while one other process spins on the "
           f"second vCPU (no shared data, no I/O): {verdict}")
     return 0
