@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -72,7 +73,10 @@ class LambdaProcess:
         return response.json()
 
     def wait_started(self) -> None:
-        ok = wait_for(lambda: "handler" in self.stdout() or self.proc.poll() is not None, timeout=120)
+        # Wait for the script's last line, newline included: a flush by another thread can land
+        # between print's writes, so a bare "handler" may be on disk before " None" is.
+        ok = wait_for(lambda: re.search(r"^cv2_before_awscam \S+\n", self.stdout(), re.M) is not None
+                      or self.proc.poll() is not None, timeout=120)
         assert ok and self.proc.poll() is None, self.stderr()[-4000:]
 
 
