@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from inference.affinity import lower_priority
 from inference.hub import Encoded, FrameHub, Published, effective_res
 
 log = logging.getLogger(__name__)
@@ -121,8 +122,10 @@ async def call_in_thread(name: str, fn: Callable[..., T], *args: Any) -> T:
 class Encoder:
     """A few named threads that JPEG-encode on request; owned and stopped by the Broadcaster."""
 
-    def __init__(self, hub: FrameHub, threads: int = ENCODER_THREADS) -> None:
+    def __init__(self, hub: FrameHub, threads: int = ENCODER_THREADS, nice: int = 0) -> None:
         self.hub = hub
+        self.nice = nice  # added to each encoder thread's nice value (--serving-nice)
+        self.thread_nice: dict[str, int | None] = {}
         self._jobs: queue.SimpleQueue[
             tuple[Published, str, asyncio.AbstractEventLoop, asyncio.Future[SharedFrame]] | None
         ] = queue.SimpleQueue()
@@ -140,6 +143,7 @@ class Encoder:
         return future
 
     def _run(self) -> None:
+        self.thread_nice[threading.current_thread().name] = lower_priority(self.nice)
         while (job := self._jobs.get()) is not None:
             item, res, loop, future = job
             try:
@@ -232,9 +236,10 @@ class Viewer:
 class Broadcaster:
     """Owned by the app's lifespan: ``attach()`` at start, ``close()`` then ``detach()`` at the end."""
 
-    def __init__(self, hub: FrameHub, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, hub: FrameHub, loop: asyncio.AbstractEventLoop, nice: int = 0) -> None:
         self.hub = hub
         self._loop = loop
+        self._nice = nice
         self._event = asyncio.Event()
         self._waiting = 0  # coroutines in wait_newer; none: a new frame wakes nobody
         self._closed = False
@@ -254,7 +259,7 @@ class Broadcaster:
 
     # -- wiring ----------------------------------------------------------------------------------
     def attach(self) -> None:
-        self._encoder = Encoder(self.hub)
+        self._encoder = Encoder(self.hub, nice=self._nice)
         self.hub.add_listener(self._listener)
         self._ticker = self._loop.create_task(self._tick(), name="broadcast-ticker")
 
@@ -273,6 +278,10 @@ class Broadcaster:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def encoder_nice(self) -> dict[str, int | None]:
+        return dict(self._encoder.thread_nice) if self._encoder is not None else {}
 
     def _listener(self, seq: int) -> None:
         # The inference thread calls this after each publish: hand off, never block it.

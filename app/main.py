@@ -35,7 +35,8 @@ def create_app(runtime: Runtime, settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        broadcaster = Broadcaster(runtime.hub, asyncio.get_running_loop())
+        broadcaster = Broadcaster(runtime.hub, asyncio.get_running_loop(),
+                                  nice=runtime.settings.serving_nice)
         broadcaster.attach()
         app.state.broadcaster = broadcaster
         try:

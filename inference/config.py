@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from inference import RESOLUTION_NAMES
+from inference.affinity import parse_loop_cpu
 from inference.types import MODEL_TYPES
 
 ENV_PREFIX = "DEEPLENS_"
@@ -230,6 +231,7 @@ class Settings:
     mo_platform: str = "mx"
     mo_aux: dict[str, Any] = field(default_factory=dict)
     threads: int = 0
+    loop_cpu: str = "auto"
     # results and display
     top_k: int = 5
     threshold: float = 0.0
@@ -242,6 +244,7 @@ class Settings:
     token: str = ""
     protect_views: bool = False
     max_viewers: int = 64
+    serving_nice: int = 10
     ssl_certfile: str = ""
     ssl_keyfile: str = ""
     # outputs
@@ -314,6 +317,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("mo_aux", parse_json_object, "mo.optimize aux_inputs as JSON, e.g. "
            "'{\"--epoch\": 0, \"--precision\": \"FP16\"}'", metavar="JSON"),
     Option("threads", _int_range(0, 64), "ONNX Runtime intra-op threads (0 = one per core)"),
+    Option("loop_cpu", parse_loop_cpu, "CPU the inference loop keeps to itself, the process's "
+           "other threads kept off it: auto (the last CPU, with 2 or more CPUs and a model on the "
+           "CPU), off, or a CPU number", metavar="auto|off|N"),
     Option("top_k", _int_range(1, 1000), "results kept per frame", live=True, metavar="K"),
     Option("threshold", _float_range(0.0, 1.0), "keep results with prob > threshold",
            live=True, metavar="P"),
@@ -331,6 +337,9 @@ OPTIONS: tuple[Option, ...] = (
            "too", group="server", metavar="on|off"),
     Option("max_viewers", _int_range(1, 10000), "concurrent MJPEG viewers allowed; beyond: 503",
            group="server"),
+    Option("serving_nice", _int_range(0, 19), "nice value the JPEG encoders, the FIFO writer and "
+           "the IoT publisher add to their own, so the inference loop gets the CPU first "
+           "(0 = same priority as the loop)", group="server", metavar="N"),
     Option("ssl_certfile", _text, "serve HTTPS with this certificate (PEM)", group="server",
            metavar="FILE"),
     Option("ssl_keyfile", _text, "private key of --ssl-certfile (PEM)", group="server",
@@ -453,8 +462,11 @@ def add_arguments(parser: argparse.ArgumentParser, groups: Sequence[str]) -> Non
         for opt in OPTIONS:
             if opt.group != group_name:
                 continue
-            default = Settings.__dataclass_fields__[opt.name].default
-            shown = "" if default in ("", None) else f" [default: {_show(default)}]"
+            spec = Settings.__dataclass_fields__[opt.name]
+            default = spec.default
+            if default is dataclasses.MISSING and spec.default_factory is not dataclasses.MISSING:
+                default = spec.default_factory()
+            shown = "" if default in ("", None, {}) else f" [default: {_show(default)}]"
             group.add_argument(
                 opt.flag,
                 dest=opt.name,

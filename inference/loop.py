@@ -3,6 +3,13 @@
 frame -> preprocess -> doInference -> parseResult -> labels/top-k/threshold -> overlay -> hub.
 A failed frame read shows a NO SIGNAL frame and retries with backoff; a model exception is
 logged, counted and shown on the frame, and the next frame is tried.
+
+When the next frame is already waiting (the model, not the source, sets the pace), a frame's
+result is published just before the next frame's inference instead of as soon as it is known:
+the consumers it wakes (encoders, viewers, FIFO, IoT) then run their Python while the loop is
+inside the model with the GIL released, rather than taking the GIL from the loop's own
+preprocess and postprocess. It costs that result one preprocess of latency (~0.3 ms); a loop
+that waits for its source publishes at once. See bench/README.md, section 1.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from typing import Any
 import cv2
 
 from inference import overlay
+from inference.affinity import CpuIsolation, available_cpus, choose_cpu
 from inference.config import Settings
 from inference.hub import FrameHub, Render, target_size
 from inference.logutil import RateLimitedLog
@@ -125,6 +133,9 @@ class InferenceLoop:
         self._frame_times: collections.deque[float] = collections.deque(maxlen=30)
         self._rl = RateLimitedLog(log)
         self._last_display_size = NO_SIGNAL_SIZE
+        # A frame's publication held back until the next frame's inference starts (see above).
+        self._pending: tuple[Image, Result, Render | None, tuple[int, int]] | None = None
+        self.isolation: CpuIsolation | None = None
 
     # -- set-up ----------------------------------------------------------------------------------
     def prepare(self, strict: bool = True) -> None:
@@ -235,22 +246,60 @@ class InferenceLoop:
     def _run(self, stop: threading.Event) -> None:
         log.info("inference loop started")
         self.stats.thread_id = threading.get_native_id()
-        while not stop.is_set():
-            if not self._running.is_set():
-                self._running.wait(0.2)
-                continue
-            try:
-                self._step(stop)
-            except Exception as exc:  # the loop is the product: nothing may end it
-                self._rl(logging.ERROR, "unexpected error in the inference loop: %s", exc)
-                log.debug("loop error", exc_info=True)
-                stop.wait(0.1)
+        self._isolate()
+        try:
+            while not stop.is_set():
+                if not self._running.is_set():
+                    self._flush_pending()  # a paused loop shows its last result
+                    self._running.wait(0.2)
+                    continue
+                try:
+                    self._step(stop)
+                except Exception as exc:  # the loop is the product: nothing may end it
+                    self._rl(logging.ERROR, "unexpected error in the inference loop: %s", exc)
+                    log.debug("loop error", exc_info=True)
+                    self._flush_pending()
+                    stop.wait(0.1)
+                if self.isolation is not None:
+                    self.isolation.check()
+        finally:
+            self._flush_pending()
+            if self.isolation is not None:
+                self.isolation.release()
         log.info("inference loop stopped")
+
+    def _isolate(self) -> None:
+        """Give this thread a CPU of its own when ``--loop-cpu`` asks for it (see affinity)."""
+        cpus = available_cpus()
+        model = self._model
+        gpu_model = model is not None and "GPU=1" in model.info.backend
+        cpu = choose_cpu(self.settings.loop_cpu, cpus, gpu_model=gpu_model)
+        if cpu is None or cpus is None:
+            self.isolation = None
+            return
+        self.isolation = CpuIsolation(cpu, cpus)
+        self.isolation.apply()
+
+    def _flush_pending(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self.hub.publish(*pending)
+
+    def _source_ready(self) -> bool:
+        """True when the source has the next frame now (so the loop, not the source, waits)."""
+        ready = getattr(self._source, "ready", None)
+        if ready is None or self._pending_source is not None:
+            return False
+        try:
+            return bool(ready())
+        except Exception:
+            return False
 
     def _swap_source(self) -> None:
         pending, self._pending_source = self._pending_source, None
         if pending is None:
             return
+        self._flush_pending()
         self._close_source()
         self._source = pending
         self._source_open = True
@@ -271,6 +320,9 @@ class InferenceLoop:
         if not self._source_open:
             source.open()
             self._source_open = True
+            if self.isolation is not None:
+                # Its grabber and decoder threads were started here and inherited our CPU.
+                self.isolation.check(force=True)
         frame = source.read()
         if frame is None:
             return None, f"no frame from {source.name}"
@@ -310,6 +362,7 @@ class InferenceLoop:
             try:
                 inputs = model.preprocess(frame)
                 t1 = time.perf_counter()
+                self._flush_pending()  # the previous frame's consumers run while we infer
                 raw = model.infer(inputs)
                 t2 = time.perf_counter()
                 parsed = model.parse(raw)
@@ -320,6 +373,7 @@ class InferenceLoop:
                     postprocess=(t3 - t2) * 1000,
                 )
             except Exception as exc:
+                self._flush_pending()
                 self.stats.model_errors += 1
                 error = f"model error: {exc}" if str(exc) else f"model error: {type(exc).__name__}"
                 self.stats.last_model_error = error
@@ -345,7 +399,12 @@ class InferenceLoop:
         )
         self._record(timings, fps, now)
         self._last_display_size = (dw, dh)
-        self.hub.publish(frame, result, render, (dw, dh))
+        publication = (frame, result, render, (dw, dh))
+        self._flush_pending()
+        if error is None and model is not None and self._source_ready():
+            self._pending = publication
+        else:
+            self.hub.publish(*publication)
 
     def _renderer(
         self, size: tuple[int, int], display: tuple[int, int], items: tuple[Item, ...],
@@ -404,6 +463,7 @@ class InferenceLoop:
         stats.capture_failures += 1
         stats.consecutive_failures += 1
         stats.last_capture_error = reason
+        self._flush_pending()
         n = stats.consecutive_failures
         self._rl(logging.WARNING, "no frame (%s); retrying", reason)
         self._seq += 1

@@ -32,7 +32,7 @@ def build_outputs(settings: Settings, hub: FrameHub) -> list[Output]:
     if settings.fifo.strip().lower() != "off":
         from inference.outputs.fifo import FifoWriter
 
-        outputs.append(FifoWriter(settings.fifo, hub, settings.fifo_res))
+        outputs.append(FifoWriter(settings.fifo, hub, settings.fifo_res, nice=settings.serving_nice))
     if settings.iot != "off":
         from inference.outputs.iot import IotOutput, make_publisher, resolve_thing_name
 

@@ -29,6 +29,7 @@ import threading
 import time
 from typing import Any
 
+from inference.affinity import lower_priority
 from inference.config import Settings
 from inference.hub import FrameHub, effective_res
 from inference.outputs import OutputError
@@ -72,9 +73,12 @@ class FifoWriter:
     name = "fifo"
 
     def __init__(
-        self, path: str, hub: FrameHub, res: str = "480p", poll_interval: float = POLL_INTERVAL
+        self, path: str, hub: FrameHub, res: str = "480p", poll_interval: float = POLL_INTERVAL,
+        nice: int = 0,
     ) -> None:
         self.path = path
+        self.nice = nice  # added to the writer thread's nice value (--serving-nice)
+        self.thread_nice: int | None = None
         self.hub = hub
         self.res = res
         self.poll_interval = poll_interval
@@ -143,6 +147,7 @@ class FifoWriter:
             "errors": self.errors,
             "last_error": self.last_error,
             "problem": self._problem,
+            "thread_nice": self.thread_nice,
         }
 
     def apply(self, settings: Settings) -> None:
@@ -151,6 +156,7 @@ class FifoWriter:
 
     # -- the thread ----------------------------------------------------------------------------
     def _run(self, stop: threading.Event) -> None:
+        self.thread_nice = lower_priority(self.nice)
         seq = 0
         checked = time.monotonic()
         while not stop.is_set():

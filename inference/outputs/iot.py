@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from inference.affinity import lower_priority
 from inference.config import Settings
 from inference.hub import FrameHub, Published
 from inference.logutil import RateLimitedLog
@@ -183,7 +184,10 @@ class MqttPublisher:
         min_delay: int = 1,
         max_delay: int = 30,
         send_timeout: float = 2.0,
+        nice: int = 0,
     ) -> None:
+        self.nice = nice  # added to paho's network thread's nice value, from its first callback
+        self.thread_nice: int | None = None
         try:
             import paho.mqtt.client as mqtt
             from paho.mqtt.enums import CallbackAPIVersion
@@ -231,7 +235,13 @@ class MqttPublisher:
         self._client = client
         self._unreachable_logged = False
 
+    def _lower_network_thread(self) -> None:
+        # Called on paho's network thread (its callbacks run there); it writes every message.
+        if self.thread_nice is None:
+            self.thread_nice = lower_priority(self.nice)
+
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
+        self._lower_network_thread()
         if getattr(reason, "is_failure", False):
             self._last_reason = f"connection refused: {reason}"
             log.warning("MQTT %s refused the connection: %s", self.url, reason)
@@ -244,6 +254,7 @@ class MqttPublisher:
         log.info("MQTT connected to %s (availability on %s)", self.url, self.availability)
 
     def _on_connect_fail(self, client: Any, userdata: Any) -> None:
+        self._lower_network_thread()
         self._last_reason = "broker unreachable; retrying with backoff"
         # Once per outage: a broker that stays away must not fill the log.
         if not self._unreachable_logged:
@@ -361,7 +372,8 @@ def make_publisher(settings: Settings, thing: str) -> Publisher:
     if mode == "mqtt" or (mode == "auto" and settings.mqtt):
         if not settings.mqtt:
             raise OutputError("--mqtt", "--iot mqtt needs a broker: --mqtt mqtt://HOST[:PORT]")
-        return MqttPublisher(settings.mqtt, thing, settings.mqtt_ca, settings.mqtt_cert, settings.mqtt_key)
+        return MqttPublisher(settings.mqtt, thing, settings.mqtt_ca, settings.mqtt_cert,
+                             settings.mqtt_key, nice=settings.serving_nice)
     return LogPublisher(logging.INFO if mode == "log" else logging.DEBUG)
 
 
@@ -392,6 +404,8 @@ class IotOutput:
         self.topic = infer_topic(self.thing)
         self.queue_size = queue_size
         self._model_name = settings.model
+        self.nice = settings.serving_nice  # added to the publisher thread's nice value
+        self.thread_nice: int | None = None
         self._payload_mode = settings.iot_payload
         self._max_rate = settings.iot_max_rate
         self._on_change = settings.iot_on_change
@@ -488,6 +502,8 @@ class IotOutput:
             "queue": len(self._queue),
             "queue_size": self.queue_size,
             "last_error": self.last_error,
+            "thread_nice": self.thread_nice,
+            "network_thread_nice": getattr(self.publisher, "thread_nice", None),
         }
 
     def apply(self, settings: Settings) -> None:
@@ -535,6 +551,7 @@ class IotOutput:
 
     # -- the publisher thread ------------------------------------------------------------------
     def _run(self, stop: threading.Event) -> None:
+        self.thread_nice = lower_priority(self.nice)
         while True:
             with self._cond:
                 if not self._queue and not stop.is_set():

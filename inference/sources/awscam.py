@@ -62,5 +62,9 @@ class AwscamSource:
             return None
         return frame  # type: ignore[no-any-return]
 
+    def ready(self) -> bool:
+        """A read now returns without waiting (getLastFrame itself never waits)."""
+        return self._awscam is not None and self._pacer.ready()
+
     def close(self) -> None:
         self._stop.set()

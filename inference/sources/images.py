@@ -75,5 +75,9 @@ class ImagesSource:
         frame: Image = self._images[self._index][1].copy()
         return frame
 
+    def ready(self) -> bool:
+        """A read now returns without waiting."""
+        return bool(self._images) and self._pacer.ready()
+
     def close(self) -> None:
         self._stop.set()

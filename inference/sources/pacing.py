@@ -11,6 +11,10 @@ class Pacer:
         self.interval = 1.0 / fps if fps > 0 else 0.0
         self._next = 0.0
 
+    def ready(self) -> bool:
+        """True when :meth:`wait` would return at once."""
+        return not self.interval or time.monotonic() >= self._next
+
     def wait(self, stop: threading.Event | None = None) -> None:
         if not self.interval:
             return

@@ -69,5 +69,9 @@ class SyntheticSource:
         self.frame_number += 1
         return frame
 
+    def ready(self) -> bool:
+        """A read now returns without waiting."""
+        return self._pacer.ready()
+
     def close(self) -> None:
         self._stop.set()

@@ -121,6 +121,10 @@ class VideoSource:
             self._cond.notify_all()
             return frame
 
+    def ready(self) -> bool:
+        """A decoded frame is waiting: a read now returns it without waiting."""
+        return self._frame is not None
+
     def close(self) -> None:
         self._stop.set()
         with self._cond:
