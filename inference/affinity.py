@@ -78,6 +78,12 @@ def choose_cpu(mode: str, cpus: frozenset[int] | None, gpu_model: bool = False) 
     return cpu if cpu in cpus else None
 
 
+# Loop threads pinned in this process (normally one; tests may run several): never moved by
+# another loop's isolation.
+_PINNED: set[int] = set()
+_PINNED_LOCK = threading.Lock()
+
+
 def _thread_ids() -> list[int]:
     try:
         return [int(name) for name in os.listdir("/proc/self/task")]
@@ -112,6 +118,8 @@ class CpuIsolation:
         self.error = None
         self._set(self.loop_tid, frozenset({self.cpu}))
         if self.error is None:
+            with _PINNED_LOCK:
+                _PINNED.add(self.loop_tid)
             self.check(force=True)
             log.info("inference loop pinned to CPU %d; the process's other threads use %s",
                      self.cpu, ",".join(str(c) for c in sorted(self.others)))
@@ -122,8 +130,10 @@ class CpuIsolation:
         if not self.active or (not force and now < self._next_check):
             return
         self._next_check = now + CHECK_INTERVAL
+        with _PINNED_LOCK:
+            pinned = set(_PINNED)
         for tid in _thread_ids():
-            if tid == self.loop_tid:
+            if tid == self.loop_tid or tid in pinned:
                 continue
             try:
                 current = os.sched_getaffinity(tid)
@@ -136,7 +146,12 @@ class CpuIsolation:
         """Every thread back on every CPU this process had (the loop thread is ending)."""
         if self.loop_tid is None:
             return
+        with _PINNED_LOCK:
+            _PINNED.discard(self.loop_tid)
+            pinned = set(_PINNED)
         for tid in _thread_ids():
+            if tid in pinned:
+                continue
             try:
                 if os.sched_getaffinity(tid) != self.cpus:
                     os.sched_setaffinity(tid, self.cpus)

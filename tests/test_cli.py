@@ -63,6 +63,8 @@ def test_env_vars_set_options(image_file: Path) -> None:
         (["--display-res", "999p"], {}, "--display-res"),
         (["--input-size", "224"], {}, "--input-size"),
         (["--overlay", "maybe"], {}, "--overlay"),
+        (["--loop-cpu", "fast"], {}, "--loop-cpu"),
+        (["--loop-cpu", "4096"], {}, "not available to this process"),
         ([], {"DEEPLENS_TOP_K": "zero"}, "DEEPLENS_TOP_K"),
         (["--source", "/no/such/clip.mp4"], {}, "--source"),
         (["--model", "/no/such/model.onnx"], {}, "/no/such/model.onnx"),
@@ -84,6 +86,8 @@ def test_help_documents_every_option_with_its_env_var() -> None:
     for opt in OPTIONS:
         assert opt.flag in serve_help, opt.flag
         assert opt.env in serve_help, opt.env
+    # a field with a default_factory once showed its placeholder as the default
+    assert "MISSING" not in serve_help
 
 
 def test_settings_from_env_and_defaults() -> None:

@@ -1,0 +1,322 @@
+"""The loop's CPU: a core of its own (--loop-cpu), serving threads below it (--serving-nice), and
+results published just before the next inference when the next frame is already waiting."""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from inference import affinity
+from inference.affinity import CpuIsolation, choose_cpu, lower_priority, parse_loop_cpu
+from inference.config import SettingError, Settings, parse_value
+from inference.hub import FrameHub
+from inference.loop import InferenceLoop
+from inference.types import Image, ModelInfo
+
+LINUX = sys.platform.startswith("linux")
+CPUS = affinity.available_cpus()
+
+
+def thread_cpus(tid: int) -> set[int]:
+    return set(os.sched_getaffinity(tid))
+
+
+def nice_of(tid: int) -> int:
+    return os.getpriority(os.PRIO_PROCESS, tid)
+
+
+def wait_until(predicate: Any, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.01)
+    return bool(predicate())
+
+
+# -- choosing and parsing ------------------------------------------------------------------------
+def test_choose_cpu() -> None:
+    two = frozenset({0, 1})
+    assert choose_cpu("auto", two) == 1  # the last CPU; interrupts favour the first
+    assert choose_cpu("auto", frozenset({0, 2, 5})) == 5
+    assert choose_cpu("0", two) == 0
+    assert choose_cpu("off", two) is None
+    assert choose_cpu("auto", frozenset({3})) is None  # one CPU: nothing to keep apart
+    assert choose_cpu("auto", None) is None  # no affinity calls on this OS
+    assert choose_cpu("auto", two, gpu_model=True) is None  # a GPU model's loop mostly waits
+    assert choose_cpu("1", two, gpu_model=True) == 1  # asked for explicitly: done anyway
+
+
+def test_loop_cpu_values_are_checked_against_this_machine() -> None:
+    assert parse_loop_cpu(" Auto ") == "auto"
+    assert parse_loop_cpu("off") == "off"
+    with pytest.raises(ValueError, match="expected auto, off or a CPU number"):
+        parse_loop_cpu("fast")
+    with pytest.raises(SettingError, match="--loop-cpu"):
+        parse_value("loop_cpu", "fast")
+    if CPUS is not None:
+        cpu = max(CPUS)
+        assert parse_loop_cpu(str(cpu)) == str(cpu)
+        with pytest.raises(ValueError, match="not available to this process"):
+            parse_loop_cpu(str(max(CPUS) + 1000))
+
+
+def test_serving_nice_is_checked() -> None:
+    assert parse_value("serving_nice", "19") == 19
+    assert Settings().serving_nice == 10 and Settings().loop_cpu == "auto"
+    with pytest.raises(SettingError, match="--serving-nice: must be between 0 and 19"):
+        parse_value("serving_nice", "20")
+
+
+# -- isolation of a running loop -----------------------------------------------------------------
+class ThreadedSource:
+    """A source that, like VideoSource, starts a helper thread when the loop opens it."""
+
+    name = "threaded"
+
+    def __init__(self) -> None:
+        self.helper_tid: int | None = None
+        self._stop = threading.Event()
+        self._frame = np.full((48, 64, 3), 90, np.uint8)
+
+    def open(self) -> None:
+        started = threading.Event()
+
+        def helper() -> None:
+            self.helper_tid = threading.get_native_id()
+            started.set()
+            self._stop.wait(30)
+
+        self._stop = threading.Event()
+        threading.Thread(target=helper, name="source-helper", daemon=True).start()
+        started.wait(5)
+
+    def read(self) -> Image | None:
+        time.sleep(0.002)
+        return self._frame.copy()
+
+    def ready(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._stop.set()
+
+
+class TinyModel:
+    """Records each call in order, for the publication order tests."""
+
+    def __init__(self, events: list[str] | None = None) -> None:
+        self.info = ModelInfo("tiny", "classification", 8, 8, "test", {0: "a", 1: "b"})
+        self.events = events if events is not None else []
+        self.n = 0
+
+    def preprocess(self, frame: Image) -> Any:
+        self.n += 1
+        self.events.append(f"preprocess {self.n}")
+        return frame[:8, :8]
+
+    def infer(self, inputs: Any) -> dict[str, Any]:
+        self.events.append(f"infer {self.n}")
+        time.sleep(0.001)
+        return {"out": np.array([0.25, 0.75], np.float32)}
+
+    def parse(self, raw: dict[str, Any]) -> dict[str, Any]:
+        from inference.models import parse
+
+        return parse.classification(raw["out"])
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def run_loop() -> Iterator[Any]:
+    loops: list[InferenceLoop] = []
+
+    def make(settings: Settings, source: Any, model: Any) -> InferenceLoop:
+        loop = InferenceLoop(settings, FrameHub(), lambda s: source, lambda s: model)
+        loops.append(loop)
+        loop.prepare()
+        loop.start()
+        assert wait_until(lambda: loop.stats.frames >= 5), "the loop made no frames"
+        return loop
+
+    yield make
+    for loop in loops:
+        loop.close()
+
+
+needs_linux = pytest.mark.skipif(not LINUX, reason="CPU affinity calls are Linux's")
+
+
+@needs_linux
+def test_the_loop_keeps_a_cpu_and_gives_it_back_when_it_stops(run_loop: Any) -> None:
+    assert CPUS is not None
+    if len(CPUS) < 2:  # one CPU to share: auto must leave it alone
+        assert run_loop(Settings(source="x"), ThreadedSource(), TinyModel()).isolation is None
+        return
+    bystander_tid: list[int] = []
+    hold = threading.Event()
+
+    def bystander() -> None:  # a thread that was already running: the event loop, an encoder
+        bystander_tid.append(threading.get_native_id())
+        hold.wait(30)
+
+    threading.Thread(target=bystander, name="bystander", daemon=True).start()
+    assert wait_until(lambda: bool(bystander_tid))
+    source = ThreadedSource()
+    try:
+        loop = run_loop(Settings(source="x", loop_cpu="auto"), source, TinyModel())
+        iso = loop.isolation
+        assert iso is not None and iso.active and iso.cpu == max(CPUS)
+        tid = loop.stats.thread_id
+        assert tid is not None
+        assert thread_cpus(tid) == {iso.cpu}
+        others = set(CPUS) - {iso.cpu}
+        assert thread_cpus(bystander_tid[0]) == others
+        assert thread_cpus(threading.get_native_id()) == others  # this test's own thread too
+        # Started by the loop thread (it inherited the loop's CPU), moved off right after open.
+        assert source.helper_tid is not None and thread_cpus(source.helper_tid) == others
+        report = iso.to_json()
+        assert report["cpu"] == iso.cpu and report["active"] and report["error"] is None
+
+        loop.stop()
+        assert thread_cpus(bystander_tid[0]) == set(CPUS)
+        assert thread_cpus(threading.get_native_id()) == set(CPUS)
+    finally:
+        hold.set()
+        os.sched_setaffinity(0, CPUS)
+
+
+@needs_linux
+def test_threads_that_appear_later_on_the_loops_cpu_are_moved_off(run_loop: Any) -> None:
+    assert CPUS is not None
+    if len(CPUS) < 2:
+        assert run_loop(Settings(source="x"), ThreadedSource(), TinyModel()).isolation is None
+        return
+    loop = run_loop(Settings(source="x", loop_cpu="auto"), ThreadedSource(), TinyModel())
+    iso = loop.isolation
+    assert iso is not None
+    tid: list[int] = []
+    hold = threading.Event()
+
+    def late() -> None:
+        tid.append(threading.get_native_id())
+        os.sched_setaffinity(0, {iso.cpu})  # as a pool started from the loop thread would be
+        hold.wait(30)
+
+    try:
+        threading.Thread(target=late, name="late", daemon=True).start()
+        assert wait_until(lambda: bool(tid) and thread_cpus(tid[0]) == {iso.cpu}, 5)
+        # The loop re-checks every CHECK_INTERVAL seconds.
+        assert wait_until(lambda: thread_cpus(tid[0]) == set(CPUS) - {iso.cpu},
+                          affinity.CHECK_INTERVAL + 5)
+    finally:
+        hold.set()
+        loop.stop()
+        os.sched_setaffinity(0, CPUS)
+
+
+def test_off_leaves_every_thread_where_it_was(run_loop: Any) -> None:
+    before = thread_cpus(threading.get_native_id()) if LINUX else None
+    loop = run_loop(Settings(source="x", loop_cpu="off"), ThreadedSource(), TinyModel())
+    assert loop.isolation is None
+    if LINUX:
+        assert loop.stats.thread_id is not None
+        assert thread_cpus(loop.stats.thread_id) == before
+        assert thread_cpus(threading.get_native_id()) == before
+
+
+def test_a_refused_affinity_call_leaves_the_loop_running(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(tid: int, cpus: Any) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setaffinity", refuse, raising=False)
+    iso = CpuIsolation(1, {0, 1})
+    iso.apply()
+    assert not iso.active and iso.error is not None and "not permitted" in iso.error
+    iso.check(force=True)  # nothing more is attempted
+    iso.release()
+
+
+# -- serving threads' priority -------------------------------------------------------------------
+@pytest.mark.skipif(not LINUX, reason="per-thread nice values are a Linux feature")
+def test_lower_priority_is_per_thread_relative_to_the_process_and_idempotent() -> None:
+    base = nice_of(0)
+    seen: dict[str, Any] = {}
+
+    def worker() -> None:
+        seen["first"] = lower_priority(5)
+        seen["again"] = lower_priority(5)
+        seen["zero"] = lower_priority(0)
+        seen["tid"] = threading.get_native_id()
+
+    thread = threading.Thread(target=worker, name="nice-worker")
+    thread.start()
+    thread.join(5)
+    assert seen["first"] == seen["again"] == seen["zero"] == min(19, affinity.BASE_NICE + 5)
+    assert nice_of(0) == base  # this thread was not touched
+
+
+# -- publication order ---------------------------------------------------------------------------
+class OrderHub(FrameHub):
+    def __init__(self, events: list[str]) -> None:
+        super().__init__()
+        self.events = events
+
+    def publish(self, image: Image, result: Any, render: Any = None, size: Any = None) -> None:
+        self.events.append(f"publish {result.seq}")
+        super().publish(image, result, render, size)
+
+
+class PacedSource(ThreadedSource):
+    name = "paced"
+
+    def ready(self) -> bool:
+        return False  # a camera slower than the model: the loop waits for each frame
+
+
+@pytest.mark.parametrize("source_cls,deferred", [(ThreadedSource, True), (PacedSource, False)])
+def test_a_result_is_published_before_the_next_inference_or_at_once(
+    source_cls: Any, deferred: bool
+) -> None:
+    events: list[str] = []
+    model = TinyModel(events)
+    loop = InferenceLoop(Settings(source="x", loop_cpu="off"), OrderHub(events),
+                         lambda s: source_cls(), lambda s: model)
+    loop.prepare()
+    loop.start()
+    try:
+        assert wait_until(lambda: loop.stats.frames >= 6)
+    finally:
+        loop.pause()
+        assert wait_until(lambda: loop.hub.seq == loop.stats.frames, 5), "a result was held back"
+        loop.close()
+    # Frame n's publication against frame n+1's preprocess and inference.
+    for n in (2, 3, 4):
+        publish, pre_next, infer_next = (events.index(f"publish {n}"),
+                                         events.index(f"preprocess {n + 1}"),
+                                         events.index(f"infer {n + 1}"))
+        if deferred:
+            assert pre_next < publish < infer_next, events[:30]
+        else:
+            assert publish < pre_next, events[:30]
+
+
+def test_nothing_is_held_back_at_stop() -> None:
+    events: list[str] = []
+    loop = InferenceLoop(Settings(source="x", loop_cpu="off"), OrderHub(events),
+                         lambda s: ThreadedSource(), lambda s: TinyModel(events))
+    loop.prepare()
+    loop.start()
+    assert wait_until(lambda: loop.stats.frames >= 3)
+    loop.stop()
+    assert loop.hub.seq == loop.stats.frames
+    loop.close()
