@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from inference.affinity import lower_priority
+from inference.affinity import serving_thread
 from inference.hub import Encoded, FrameHub, Published, effective_res
 
 log = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ class Encoder:
         return future
 
     def _run(self) -> None:
-        self.thread_nice[threading.current_thread().name] = lower_priority(self.nice)
+        self.thread_nice[threading.current_thread().name] = serving_thread(self.nice)
         while (job := self._jobs.get()) is not None:
             item, res, loop, future = job
             try:

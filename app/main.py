@@ -16,6 +16,7 @@ from app.broadcast import Broadcaster, call_in_thread
 from app.routes import control, health, results, stream
 from app.routes.health import ModelErrorWatch, make_registry
 from app.security import ensure_token
+from inference.affinity import serving_thread
 from inference.config import Settings
 from inference.runtime import Runtime
 
@@ -35,6 +36,8 @@ def create_app(runtime: Runtime, settings: Settings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # The event loop serves every viewer: off the loop's CPU, at the process's priority.
+        serving_thread(0)
         broadcaster = Broadcaster(runtime.hub, asyncio.get_running_loop(),
                                   nice=runtime.settings.serving_nice)
         broadcaster.attach()

@@ -2,22 +2,24 @@
 
 Measured on 2 vCPUs (bench/README.md, section 1): with every output on, the loop lost most of its
 frame time not to work but to sharing. The serving threads it wakes at each publish were placed on
-its core and preempted it, and each time it blocked its core went to another task, so it came back
-to cold caches. Two remedies, both on by default where they apply:
+its core and preempted it, and each time it blocked, its core went to another task. Two remedies,
+both on by default where they apply:
 
-- **Isolation** (``--loop-cpu``): the loop thread is pinned to one CPU and every other thread of the
-  process is kept off it, so our own threads never preempt the model. Other processes still may;
-  they are not ours to move. Threads started later inherit their creator's mask, and the few that
-  the loop thread itself creates (a video source's grabber and decoder threads, OpenCV's pool) are
-  moved off by :meth:`CpuIsolation.check`, which the loop runs after opening a source and every
-  few seconds.
-- **Lower priority for serving threads** (``--serving-nice``): the JPEG encoders, the FIFO writer
-  and the IoT publisher raise their own nice value, so when they and the loop want a CPU at once,
-  the loop wins. The event-loop thread is left alone: a thread inherits its creator's nice value
-  and can never lower it again, and it is the event loop that starts a new inference loop after
+- **Isolation** (``--loop-cpu``): the loop thread is pinned to one CPU and the serving threads (the
+  event loop, the JPEG encoders, the FIFO writer, the IoT publisher, paho's network thread; each
+  registers itself with :func:`serving_thread`) are kept off it, so our own serving work never
+  preempts the model. Every other thread keeps every CPU: the video decoder's threads, which hand
+  the loop its frames, run best wherever the scheduler puts them (pinning them away measured a few
+  per cent slower), and other processes are not ours to move. Threads the loop thread starts (a
+  source's grabber and decoders, OpenCV's pool) inherit its one-CPU mask; :meth:`CpuIsolation.check`
+  gives them every CPU back, right after a source opens and every few seconds.
+- **Lower priority for serving threads** (``--serving-nice``): the serving threads but the event
+  loop raise their own nice value, so when they and the loop want a CPU at once, the loop wins. The
+  event-loop thread keeps the process's priority: a thread inherits its creator's nice value and
+  can never lower it again, and it is the event loop that starts a new inference loop after
   ``POST /api/pipeline/start``.
 
-Both are Linux calls; elsewhere they do nothing and say so in ``/api/stats``.
+Both are Linux calls; elsewhere they do nothing and ``/api/stats`` says so.
 """
 
 from __future__ import annotations
@@ -78,10 +80,12 @@ def choose_cpu(mode: str, cpus: frozenset[int] | None, gpu_model: bool = False) 
     return cpu if cpu in cpus else None
 
 
-# Loop threads pinned in this process (normally one; tests may run several): never moved by
-# another loop's isolation.
+# Loop threads pinned in this process (normally one; tests may run several) and the registered
+# serving threads, by native thread id.
+_LOCK = threading.Lock()
 _PINNED: set[int] = set()
-_PINNED_LOCK = threading.Lock()
+_SERVING: set[int] = set()
+_ACTIVE: list[CpuIsolation] = []
 
 
 def _thread_ids() -> list[int]:
@@ -91,11 +95,30 @@ def _thread_ids() -> list[int]:
         return []
 
 
+def _affinity(tid: int) -> frozenset[int] | None:
+    try:
+        return frozenset(os.sched_getaffinity(tid))
+    except OSError:
+        return None  # the thread ended meanwhile
+
+
+def serving_thread(nice: int = 0) -> int | None:
+    """Call at the start of a serving thread: it is kept off the loop's CPU while one is isolated
+    and its nice value is raised by ``nice``. Returns its nice value (None where not supported)."""
+    tid = threading.get_native_id()
+    with _LOCK:
+        _SERVING.add(tid)
+        active = _ACTIVE[-1] if _ACTIVE else None
+    if active is not None:
+        active.place(tid)
+    return lower_priority(nice)
+
+
 class CpuIsolation:
-    """Keeps the loop thread on ``cpu`` and every other thread of the process off it.
+    """Keeps the loop thread on ``cpu`` and the serving threads off it.
 
     Owned by the inference loop: :meth:`apply` on its thread at start, :meth:`check` from the
-    same thread now and then, :meth:`release` when it stops (the other threads get every CPU
+    same thread now and then, :meth:`release` when it stops (the serving threads get every CPU
     back, so a stopped loop leaves no core unused).
     """
 
@@ -104,7 +127,8 @@ class CpuIsolation:
         self.cpus = frozenset(cpus)
         self.others = self.cpus - {cpu}
         self.loop_tid: int | None = None
-        self.moved = 0  # threads whose mask we changed, over the run
+        self.moved = 0  # serving threads placed off the loop's CPU, over the run
+        self.freed = 0  # threads started by the loop thread given every CPU back
         self.error: str | None = None
         self._next_check = 0.0
 
@@ -113,68 +137,77 @@ class CpuIsolation:
         return self.loop_tid is not None and self.error is None
 
     def apply(self) -> None:
-        """Pin the calling thread (the loop) to :attr:`cpu`, the others off it."""
+        """Pin the calling thread (the loop) to :attr:`cpu`, the serving threads off it."""
         self.loop_tid = threading.get_native_id()
         self.error = None
         self._set(self.loop_tid, frozenset({self.cpu}))
-        if self.error is None:
-            with _PINNED_LOCK:
-                _PINNED.add(self.loop_tid)
-            self.check(force=True)
-            log.info("inference loop pinned to CPU %d; the process's other threads use %s",
-                     self.cpu, ",".join(str(c) for c in sorted(self.others)))
+        if self.error is not None:
+            return
+        with _LOCK:
+            _PINNED.add(self.loop_tid)
+            _ACTIVE.append(self)
+        self.check(force=True)
+        log.info("inference loop pinned to CPU %d; the serving threads use %s", self.cpu,
+                 ",".join(str(c) for c in sorted(self.others)))
+
+    def place(self, tid: int) -> None:
+        """Keep serving thread ``tid`` off the loop's CPU."""
+        if self.active and _affinity(tid) not in (None, self.others):
+            if self._set(tid, self.others):
+                self.moved += 1
 
     def check(self, force: bool = False) -> None:
-        """Move any thread that has appeared on the loop's CPU off it (cheap; rate-limited)."""
+        """Serving threads off the loop's CPU; threads that inherited the loop's one-CPU mask
+        (started by the loop thread) back on every CPU. Cheap, and rate-limited."""
         now = time.monotonic()
         if not self.active or (not force and now < self._next_check):
             return
         self._next_check = now + CHECK_INTERVAL
-        with _PINNED_LOCK:
-            pinned = set(_PINNED)
-        for tid in _thread_ids():
+        live = set(_thread_ids())
+        with _LOCK:
+            _SERVING.intersection_update(live)  # forget threads that have ended
+            serving, pinned = set(_SERVING), set(_PINNED)
+        for tid in live:
             if tid == self.loop_tid or tid in pinned:
                 continue
-            try:
-                current = os.sched_getaffinity(tid)
-            except OSError:
-                continue  # the thread ended meanwhile
-            if self.cpu in current:
-                self._set(tid, self.others)
+            if tid in serving:
+                self.place(tid)
+            elif _affinity(tid) == frozenset({self.cpu}):
+                if self._set(tid, self.cpus):
+                    self.freed += 1
 
     def release(self) -> None:
-        """Every thread back on every CPU this process had (the loop thread is ending)."""
+        """Serving threads back on every CPU this process had (the loop thread is ending)."""
         if self.loop_tid is None:
             return
-        with _PINNED_LOCK:
+        with _LOCK:
             _PINNED.discard(self.loop_tid)
-            pinned = set(_PINNED)
-        for tid in _thread_ids():
-            if tid in pinned:
-                continue
-            try:
-                if os.sched_getaffinity(tid) != self.cpus:
-                    os.sched_setaffinity(tid, self.cpus)
-            except OSError:
-                continue
+            if self in _ACTIVE:
+                _ACTIVE.remove(self)
+            serving = set(_SERVING)
+            still_active = bool(_ACTIVE)
+        if not still_active:
+            for tid in serving:
+                if _affinity(tid) not in (None, self.cpus):
+                    self._set(tid, self.cpus)
         self.loop_tid = None
 
-    def _set(self, tid: int, cpus: frozenset[int]) -> None:
+    def _set(self, tid: int, cpus: frozenset[int]) -> bool:
         try:
             os.sched_setaffinity(tid, cpus)
         except ProcessLookupError:
-            return  # ended between the listing and now
+            return False  # ended between the listing and now
         except OSError as exc:
             # A container or a policy that forbids it: run unpinned rather than not at all.
             self.error = f"cannot set CPU affinity: {exc.strerror or exc}"
             log.warning("inference loop not pinned: %s", self.error)
-            return
-        if tid != self.loop_tid:
-            self.moved += 1
+            return False
+        return True
 
     def to_json(self) -> dict[str, object]:
-        return {"cpu": self.cpu, "others": sorted(self.others), "active": self.active,
-                "moved_threads": self.moved, "error": self.error}
+        return {"cpu": self.cpu, "serving_cpus": sorted(self.others), "active": self.active,
+                "serving_threads_moved": self.moved, "threads_freed": self.freed,
+                "error": self.error}
 
 
 def _nice_of(tid: int) -> int | None:

@@ -321,7 +321,8 @@ class InferenceLoop:
             source.open()
             self._source_open = True
             if self.isolation is not None:
-                # Its grabber and decoder threads were started here and inherited our CPU.
+                # Its grabber and decoder threads were started here, inheriting our one CPU:
+                # give them every CPU back.
                 self.isolation.check(force=True)
         frame = source.read()
         if frame is None:

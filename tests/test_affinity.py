@@ -14,7 +14,13 @@ import numpy as np
 import pytest
 
 from inference import affinity
-from inference.affinity import CpuIsolation, choose_cpu, lower_priority, parse_loop_cpu
+from inference.affinity import (
+    CpuIsolation,
+    choose_cpu,
+    lower_priority,
+    parse_loop_cpu,
+    serving_thread,
+)
 from inference.config import SettingError, Settings, parse_value
 from inference.hub import FrameHub
 from inference.loop import InferenceLoop
@@ -162,15 +168,21 @@ def test_the_loop_keeps_a_cpu_and_gives_it_back_when_it_stops(run_loop: Any) -> 
     if len(CPUS) < 2:  # one CPU to share: auto must leave it alone
         assert run_loop(Settings(source="x"), ThreadedSource(), TinyModel()).isolation is None
         return
-    bystander_tid: list[int] = []
+    tids: dict[str, int] = {}
     hold = threading.Event()
 
-    def bystander() -> None:  # a thread that was already running: the event loop, an encoder
-        bystander_tid.append(threading.get_native_id())
+    def server(nice: int) -> None:  # a serving thread already running: an encoder, the event loop
+        serving_thread(nice)
+        tids["server"] = threading.get_native_id()
         hold.wait(30)
 
+    def bystander() -> None:  # any other thread: the Greengrass runtime's, a library's
+        tids["bystander"] = threading.get_native_id()
+        hold.wait(30)
+
+    threading.Thread(target=server, args=(0,), name="server", daemon=True).start()
     threading.Thread(target=bystander, name="bystander", daemon=True).start()
-    assert wait_until(lambda: bool(bystander_tid))
+    assert wait_until(lambda: len(tids) == 2)
     source = ThreadedSource()
     try:
         loop = run_loop(Settings(source="x", loop_cpu="auto"), source, TinyModel())
@@ -180,23 +192,35 @@ def test_the_loop_keeps_a_cpu_and_gives_it_back_when_it_stops(run_loop: Any) -> 
         assert tid is not None
         assert thread_cpus(tid) == {iso.cpu}
         others = set(CPUS) - {iso.cpu}
-        assert thread_cpus(bystander_tid[0]) == others
-        assert thread_cpus(threading.get_native_id()) == others  # this test's own thread too
-        # Started by the loop thread (it inherited the loop's CPU), moved off right after open.
-        assert source.helper_tid is not None and thread_cpus(source.helper_tid) == others
+        assert thread_cpus(tids["server"]) == others
+        assert thread_cpus(tids["bystander"]) == set(CPUS)  # not ours to move
+        # Started by the loop thread (it inherited the loop's one CPU), given every CPU back at
+        # once, as a video source's decoder threads are.
+        assert source.helper_tid is not None and thread_cpus(source.helper_tid) == set(CPUS)
+
+        late: list[int] = []
+
+        def late_server() -> None:  # a serving thread started while the loop runs
+            serving_thread(0)
+            late.append(threading.get_native_id())
+            hold.wait(30)
+
+        threading.Thread(target=late_server, name="late-server", daemon=True).start()
+        assert wait_until(lambda: bool(late))
+        assert thread_cpus(late[0]) == others
         report = iso.to_json()
         assert report["cpu"] == iso.cpu and report["active"] and report["error"] is None
+        assert report["serving_threads_moved"] >= 2 and report["threads_freed"] >= 1
 
         loop.stop()
-        assert thread_cpus(bystander_tid[0]) == set(CPUS)
-        assert thread_cpus(threading.get_native_id()) == set(CPUS)
+        assert thread_cpus(tids["server"]) == set(CPUS)
+        assert thread_cpus(late[0]) == set(CPUS)
     finally:
         hold.set()
-        os.sched_setaffinity(0, CPUS)
 
 
 @needs_linux
-def test_threads_that_appear_later_on_the_loops_cpu_are_moved_off(run_loop: Any) -> None:
+def test_threads_that_inherit_the_loops_cpu_are_given_every_cpu_back(run_loop: Any) -> None:
     assert CPUS is not None
     if len(CPUS) < 2:
         assert run_loop(Settings(source="x"), ThreadedSource(), TinyModel()).isolation is None
@@ -207,21 +231,19 @@ def test_threads_that_appear_later_on_the_loops_cpu_are_moved_off(run_loop: Any)
     tid: list[int] = []
     hold = threading.Event()
 
-    def late() -> None:
+    def pool_worker() -> None:
         tid.append(threading.get_native_id())
-        os.sched_setaffinity(0, {iso.cpu})  # as a pool started from the loop thread would be
+        os.sched_setaffinity(0, {iso.cpu})  # as a pool started lazily from the loop thread is
         hold.wait(30)
 
     try:
-        threading.Thread(target=late, name="late", daemon=True).start()
+        threading.Thread(target=pool_worker, name="pool-worker", daemon=True).start()
         assert wait_until(lambda: bool(tid) and thread_cpus(tid[0]) == {iso.cpu}, 5)
         # The loop re-checks every CHECK_INTERVAL seconds.
-        assert wait_until(lambda: thread_cpus(tid[0]) == set(CPUS) - {iso.cpu},
-                          affinity.CHECK_INTERVAL + 5)
+        assert wait_until(lambda: thread_cpus(tid[0]) == set(CPUS), affinity.CHECK_INTERVAL + 5)
     finally:
         hold.set()
         loop.stop()
-        os.sched_setaffinity(0, CPUS)
 
 
 def test_off_leaves_every_thread_where_it_was(run_loop: Any) -> None:

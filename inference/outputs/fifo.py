@@ -29,7 +29,7 @@ import threading
 import time
 from typing import Any
 
-from inference.affinity import lower_priority
+from inference.affinity import serving_thread
 from inference.config import Settings
 from inference.hub import FrameHub, effective_res
 from inference.outputs import OutputError
@@ -156,7 +156,7 @@ class FifoWriter:
 
     # -- the thread ----------------------------------------------------------------------------
     def _run(self, stop: threading.Event) -> None:
-        self.thread_nice = lower_priority(self.nice)
+        self.thread_nice = serving_thread(self.nice)
         seq = 0
         checked = time.monotonic()
         while not stop.is_set():

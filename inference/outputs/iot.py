@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from inference.affinity import lower_priority
+from inference.affinity import serving_thread
 from inference.config import Settings
 from inference.hub import FrameHub, Published
 from inference.logutil import RateLimitedLog
@@ -238,7 +238,7 @@ class MqttPublisher:
     def _lower_network_thread(self) -> None:
         # Called on paho's network thread (its callbacks run there); it writes every message.
         if self.thread_nice is None:
-            self.thread_nice = lower_priority(self.nice)
+            self.thread_nice = serving_thread(self.nice)
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self._lower_network_thread()
@@ -551,7 +551,7 @@ class IotOutput:
 
     # -- the publisher thread ------------------------------------------------------------------
     def _run(self, stop: threading.Event) -> None:
-        self.thread_nice = lower_priority(self.nice)
+        self.thread_nice = serving_thread(self.nice)
         while True:
             with self._cond:
                 if not self._queue and not stop.is_set():
