@@ -279,13 +279,17 @@ def open_stream(port: int, path: str) -> socket.socket:
     return sock
 
 
+def _stopped(stop: Any) -> bool:
+    return stop is not None and stop.is_set()
+
+
 def viewers_process(port: int, path: str, count: int, t0: float, t1: float, out: Any,
-                    latency: bool = False) -> None:
+                    latency: bool = False, stop: Any = None) -> None:
     """``count`` MJPEG viewers on raw sockets in this process, multiplexed with a selector.
 
     For each: parts and bytes completed in the wall-clock window [t0, t1], distinct seqs, and
     (``latency``) for every part completed in the window, receive time minus its X-Timestamp, and
-    the (seq, receive time) pairs.
+    the (seq, receive time) pairs. ``stop`` (an Event) ends the window early.
     """
     sel = selectors.DefaultSelector()
     parsers = [ChunkedParts() for _ in range(count)]
@@ -302,7 +306,7 @@ def viewers_process(port: int, path: str, count: int, t0: float, t1: float, out:
         arrivals: list[list[tuple[int, float]]] = [[] for _ in range(count)]
         buf = bytearray(1 << 20)
         view = memoryview(buf)
-        while time.time() < t1 + 0.3:
+        while time.time() < t1 + 0.3 and not _stopped(stop):
             for key, _ in sel.select(timeout=0.2):
                 i = key.data
                 try:
@@ -334,7 +338,8 @@ def viewers_process(port: int, path: str, count: int, t0: float, t1: float, out:
 
 
 def start_viewers(port: int, path: str, viewers: int, t0: float, t1: float,
-                  latency: bool = False, max_procs: int = 4) -> tuple[list[Any], Any]:
+                  latency: bool = False, max_procs: int = 4,
+                  stop: Any = None) -> tuple[list[Any], Any]:
     """Spread ``viewers`` over up to ``max_procs`` client processes; returns (procs, queue)."""
     import multiprocessing as mp
 
@@ -346,7 +351,7 @@ def start_viewers(port: int, path: str, viewers: int, t0: float, t1: float,
         shares = [viewers // nprocs + (1 if i < viewers % nprocs else 0) for i in range(nprocs)]
         for i, share in enumerate(shares):
             p = ctx.Process(target=viewers_process, name=f"viewers-{i}",
-                            args=(port, path, share, t0, t1, out, latency), daemon=True)
+                            args=(port, path, share, t0, t1, out, latency, stop), daemon=True)
             p.start()
             procs.append(p)
     return procs, out
@@ -366,7 +371,7 @@ def collect_viewers(procs: list[Any], out: Any, timeout: float = 60.0) -> list[d
     return results
 
 
-def sse_process(port: int, t0: float, t1: float, out: Any) -> None:
+def sse_process(port: int, t0: float, t1: float, out: Any, stop: Any = None) -> None:
     """One ``/results/events`` subscriber: events in [t0, t1] and each event's JSON by seq."""
     parser = ChunkedParts()
     parser.PREFIX = 1 << 16  # keep the whole event: it is small
@@ -376,7 +381,7 @@ def sse_process(port: int, t0: float, t1: float, out: Any) -> None:
     try:
         sock.setblocking(True)
         sock.settimeout(0.5)
-        while time.time() < t1 + 0.3:
+        while time.time() < t1 + 0.3 and not _stopped(stop):
             try:
                 data = sock.recv(1 << 16)
             except TimeoutError:
@@ -398,30 +403,52 @@ def sse_process(port: int, t0: float, t1: float, out: Any) -> None:
         sock.close()
 
 
-def poll_results_process(port: int, rate: float, t0: float, t1: float, out: Any) -> None:
-    """Polls ``/results`` at ``rate`` per second on a keep-alive connection (as the page does)."""
+def poll_results_process(port: int, rate: float, t0: float, t1: float, out: Any,
+                         stop: Any = None, timeout: float = 10.0) -> None:
+    """Polls ``/results`` at ``rate`` per second on a keep-alive connection (as the page does).
+    After a stall (a stopped server) it resumes at ``rate``, without a burst to catch up."""
     import http.client
 
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    ok = errors = 0
+    def connect() -> http.client.HTTPConnection:
+        return http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+
+    def get(conn: http.client.HTTPConnection) -> int:
+        conn.request("GET", "/results")
+        response = conn.getresponse()
+        response.read()
+        return response.status
+
+    conn = connect()
+    used = False  # a request has gone over this connection: the server may have closed it idle
+    ok = errors = reconnects = 0
     try:
         next_at = time.time()
-        while time.time() < t1:
+        while time.time() < t1 and not _stopped(stop):
             try:
-                conn.request("GET", "/results")
-                response = conn.getresponse()
-                response.read()
-                if response.status == 200:
+                try:
+                    status = get(conn)
+                except (ConnectionError, http.client.RemoteDisconnected):
+                    if not used:
+                        raise
+                    # A keep-alive connection the server closed while idle (uvicorn after
+                    # --timeout-keep-alive; here also as a stopped server resumes): retry once on
+                    # a new one, as browsers and HTTP libraries do for an idempotent GET.
+                    reconnects += 1
+                    conn.close()
+                    conn = connect()
+                    status = get(conn)
+                used = True
+                if status == 200:
                     ok += 1
                 else:
                     errors += 1
             except (OSError, http.client.HTTPException):
                 errors += 1
                 conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-            next_at += 1.0 / rate
+                conn, used = connect(), False
+            next_at = max(next_at + 1.0 / rate, time.time())
             time.sleep(max(0.0, next_at - time.time()))
-        out.put({"ok": ok, "errors": errors})
+        out.put({"ok": ok, "errors": errors, "reconnects": reconnects})
     finally:
         conn.close()
 

@@ -1,24 +1,36 @@
 """Overhead: loop fps with every output on vs model-only fps, and the seed's design, same run.
 
-    python bench/overhead.py [--source PATH] [--repeats 3] [--window 10] [--warmup 5] [--viewers 20]
+    python bench/overhead.py [--source PATH] [--cycles 16] [--slice 2] [--settle 0.5]
+                             [--viewers 20] [--no-contention]
 
-Three configurations on the same frames (``--source``, default the bundled bikes.mp4, unpaced:
-``--source-fps 0``) and the same model (EfficientNet-Lite0, ONNX Runtime, 1 thread), taken in
-turn ``--repeats`` times so machine noise hits all of them:
+Every configuration runs in its own processes, all started at once, and they take turns: in each
+cycle every configuration runs alone for ``--slice`` seconds (after ``--settle`` seconds to get
+going) while the others are stopped (SIGSTOP; their clients wait, idle), and a model-only slice
+runs between any two others. This machine's speed drifts by 10-20 % within seconds (other
+tenants), so configurations run minutes apart, as they did in earlier versions of this benchmark,
+differ by more than what is measured; slices seconds apart see the same machine. Each
+configuration's slice is divided by the mean of the model-only slices just before and just after
+it, and the median of those ratios is reported.
 
-- model-only: read the source, preprocess, infer, parse in a plain loop (bench.common);
-- dashboard: ``python -m app`` with everything on: ``--viewers`` MJPEG viewers at ``?res=720p``
-  (raw sockets, 2 client processes), the FIFO at 480p read by a real
+Configurations, on the same frames (``--source``, default the bundled bikes.mp4, unpaced:
+``--source-fps 0``) and model (EfficientNet-Lite0, ONNX Runtime, 1 thread):
+
+- model-only: read the source, preprocess, infer, parse in a plain loop (a worker process);
+- dashboard: ``python -m app`` with everything on, as installed (defaults): ``--viewers`` MJPEG
+  viewers at ``?res=720p`` (raw sockets, 2 client processes), the FIFO at 480p read by a real
   ``ffmpeg -f mjpeg -i FIFO -f null -``, ``--iot mqtt`` to a real local mosquitto, one SSE client
-  on /results/events and /results polled 4 times a second; loop fps = frames counted by the loop
-  (/api/stats) over the window; also the CPU of every client-side process (viewers, SSE and
-  poll clients, ffmpeg, mosquitto), which shares this machine's 2 cores;
-- dashboard with the seed's outputs only: the same, with no HTTP client (FIFO + MQTT);
+  on /results/events and /results polled 4 times a second;
+- dashboard, unpinned: the same with ``--loop-cpu off --serving-nice 0`` (the loop's CPU
+  isolation and the serving threads' lower priority off): what those two defaults buy;
+- dashboard, seed's outputs: the defaults with no HTTP client (FIFO + MQTT only);
 - seed: bench/seed_baseline.py, the seed Lambda's design on the same frames: encode in the loop
   every frame, a FIFO thread rewriting the JPEG in a busy loop (same ffmpeg reader), a
-  synchronous publish to the same mosquitto per inference.
+  synchronous publish to the same mosquitto per inference;
+- model-only, pinned: the model-only loop with its thread pinned where the dashboard pins its
+  loop, to show how much of the dashboard's figure is pinning itself rather than cheap outputs.
 
-Reported: the median fps of each, and the median (and worst) of the per-round ratios to model-only.
+Also reported per dashboard: where the loop thread's time per frame goes (kernel schedstat), its
+process's and its clients' CPU, and what each output delivered while it ran.
 Target: dashboard fps >= 0.95 x model-only fps.
 """
 
@@ -26,13 +38,18 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
+import mmap
 import multiprocessing as mp
 import os
+import signal
+import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,24 +61,75 @@ from bench.common import (  # noqa: E402
     MODEL,
     ROOT,
     THREADS,
+    Server,
     child_env,
     collect_viewers,
     cpu_seconds,
     dashboard,
     demo_clip,
     ffmpeg_reader,
-    loop_breakdown,
     machine,
     machine_ticks,
     median,
     mosquitto,
     poll_results_process,
-    run_model_only,
     sse_process,
     start_viewers,
     stop_process,
     thread_sched,
 )
+
+TARGET = 0.95
+
+
+def model_only_forever(source: str, counter: Any, pin: bool = False) -> None:
+    """The model-only loop, counting frames into ``counter`` (a shared value) until killed.
+    ``pin``: the loop thread on the CPU the dashboard's ``--loop-cpu auto`` picks (its decoder
+    threads, started before, keep every CPU, as the dashboard gives them)."""
+    from inference.affinity import available_cpus, choose_cpu
+    from inference.config import Settings
+    from inference.models import load_model
+    from inference.sources import make_source
+
+    model = load_model(Settings(model=MODEL, threads=int(THREADS)))
+    src = make_source(source, fps=0.0)
+    src.open()
+    cpu = choose_cpu("auto", available_cpus()) if pin else None
+    if cpu is not None:
+        os.sched_setaffinity(threading.get_native_id(), {cpu})
+    try:
+        while True:
+            frame = src.read()
+            if frame is not None:
+                model.parse(model.infer(model.preprocess(frame)))
+                counter.value += 1
+    finally:
+        src.close()
+
+
+@dataclass
+class Config:
+    """One configuration: its main process, how to read its frame count, its client processes."""
+
+    key: str
+    label: str
+    pid: int
+    frames: Callable[[], int]
+    server: Server | None = None
+    clients: list[int] = field(default_factory=list)
+    slices: list[dict[str, float]] = field(default_factory=list)
+    ratios: list[float] = field(default_factory=list)
+    # A dashboard's client processes, collected at the end: (viewer procs, their queue,
+    # SSE/poll procs, their queue), then what they reported.
+    client_handles: tuple[Any, ...] | None = None
+    viewers: list[dict[str, Any]] = field(default_factory=list)
+    side: list[dict[str, Any]] = field(default_factory=list)
+
+    def stop(self) -> None:
+        os.kill(self.pid, signal.SIGSTOP)
+
+    def cont(self) -> None:
+        os.kill(self.pid, signal.SIGCONT)
 
 
 def clients_cpu(pids: list[int]) -> float:
@@ -72,86 +140,152 @@ def clients_cpu(pids: list[int]) -> float:
     return total
 
 
-def run_dashboard(source: str, mqtt: tuple[int, int], viewers: int, warmup: float, window: float,
-                  tmp: str) -> dict[str, Any]:
-    """``viewers`` 0: only the seed's outputs (FIFO + MQTT), no HTTP client at all."""
-    fifo = os.path.join(tmp, "dashboard.mjpeg")
+def _output(stats: dict[str, Any], name: str, key: str) -> float:
+    return float(stats["outputs"].get(name, {}).get(key, 0))
+
+
+def measure(config: Config, seconds: float) -> dict[str, float]:
+    """One slice of ``config`` (already running): fps and, for a dashboard, where it went."""
+    server = config.server
+    tid = None
+    s0: dict[str, Any] = {}
+    if server is not None:
+        s0 = server.stats()
+        tid = s0["loop_thread_id"]
+    f0 = int(s0["frames"]) if s0 else config.frames()
+    c0, k0 = cpu_seconds(config.pid), clients_cpu(config.clients)
+    l0 = thread_sched(config.pid, tid) if tid else (0.0, 0.0)
+    m0, w0 = machine_ticks(), time.monotonic()
+    time.sleep(seconds)
+    s1: dict[str, Any] = server.stats() if server is not None else {}
+    f1 = int(s1["frames"]) if s1 else config.frames()
+    c1, k1 = cpu_seconds(config.pid), clients_cpu(config.clients)
+    l1 = thread_sched(config.pid, tid) if tid else (0.0, 0.0)
+    m1, w1 = machine_ticks(), time.monotonic()
+    elapsed = w1 - w0
+    frames = max(f1 - f0, 1)
+    out = {
+        "fps": (f1 - f0) / elapsed,
+        "cpu_percent": 100.0 * (c1 - c0) / elapsed,
+        "clients_cpu_percent": 100.0 * (k1 - k0) / elapsed,
+        "machine_busy_percent": 100.0 * (os.cpu_count() or 1) * (m1[0] - m0[0])
+        / max(1, m1[1] - m0[1]),
+        "seconds": elapsed,
+    }
+    if s1 and tid:
+        cpu, runq = (l1[0] - l0[0]) * 1000 / frames, (l1[1] - l0[1]) * 1000 / frames
+        out.update(
+            loop_frame_ms=elapsed * 1000 / frames, loop_cpu_ms=cpu, loop_runq_ms=runq,
+            loop_sleep_ms=max(0.0, elapsed * 1000 / frames - cpu - runq),
+            encodes_per_s=(s1["jpeg"]["encodes_total"] - s0["jpeg"]["encodes_total"]) / elapsed,
+            sent_per_s=(s1["frames_sent"] - s0["frames_sent"]) / elapsed,
+            fifo_fps=(_output(s1, "fifo", "frames_written")
+                      - _output(s0, "fifo", "frames_written")) / elapsed,
+            mqtt_per_s=(_output(s1, "iot", "sent") - _output(s0, "iot", "sent")) / elapsed,
+        )
+    return out
+
+
+@contextlib.contextmanager
+def dashboard_config(key: str, label: str, source: str, mqtt: tuple[int, int], tmp: str,
+                     viewers: int, stop_clients: Any, *extra: str) -> Iterator[Config]:
+    fifo = os.path.join(tmp, f"{key}.mjpeg")
     with dashboard(source, "--source-fps", "0", "--fifo", fifo, "--fifo-res", "480p",
                    "--iot", "mqtt", "--mqtt", f"mqtt://127.0.0.1:{mqtt[0]}",
-                   "--thing-name", "bench", "--max-viewers", "200") as server, \
+                   "--thing-name", f"bench-{key}", "--max-viewers", "200", *extra) as server, \
             ffmpeg_reader(fifo) as reader:
         ctx = mp.get_context("spawn")
-        t0 = time.time() + warmup + 1.0
-        t1 = t0 + window
-        procs, out = start_viewers(server.port, "/stream.mjpg?res=720p", viewers, t0, t1, max_procs=2)
+        far = time.time() + 24 * 3600  # the clients end on stop_clients, not on a clock
+        procs, out = start_viewers(server.port, "/stream.mjpg?res=720p", viewers, time.time(), far,
+                                   max_procs=2, stop=stop_clients)
         side = ctx.Queue()
-        extra = []
+        extra_procs = []
         if viewers:
-            extra = [ctx.Process(target=sse_process, args=(server.port, t0, t1, side), daemon=True),
-                     ctx.Process(target=poll_results_process, args=(server.port, 4.0, t0, t1, side),
-                                 daemon=True)]
-        for p in extra:
+            extra_procs = [
+                ctx.Process(target=sse_process, args=(server.port, time.time(), far, side,
+                                                      stop_clients), daemon=True),
+                # A long timeout: while this configuration is stopped, a request waits for it.
+                ctx.Process(target=poll_results_process, args=(server.port, 4.0, time.time(), far,
+                                                               side, stop_clients, 600.0),
+                            daemon=True),
+            ]
+        for p in extra_procs:
             p.start()
+        config = Config(key, label, server.pid, lambda: int(server.stats()["frames"]), server)
+        config.clients = [reader.pid] + [p.pid for p in procs + extra_procs if p.pid]
         try:
-            time.sleep(max(0.0, t0 - time.time()))
-            others = [reader.pid, mqtt[1]] + [p.pid for p in procs + extra if p.pid]
-            s0, c0, o0, w0 = server.stats(), server.cpu_seconds(), clients_cpu(others), time.monotonic()
-            tid = s0["loop_thread_id"]
-            l0, m0 = thread_sched(server.pid, tid), machine_ticks()
-            time.sleep(max(0.0, t1 - time.time()))
-            s1, c1, o1, w1 = server.stats(), server.cpu_seconds(), clients_cpu(others), time.monotonic()
-            l1, m1 = thread_sched(server.pid, tid), machine_ticks()
-            results = collect_viewers(procs, out)
-            side_results = [side.get(timeout=30) for _ in extra]
+            if viewers:  # everyone connected before the first slice
+                deadline = time.monotonic() + 60
+                while time.monotonic() < deadline:
+                    stats = server.stats()
+                    if len(stats["viewers"]) >= viewers and stats["event_subscribers"] >= 1:
+                        break
+                    time.sleep(0.2)
+            config.stop()
+            config.client_handles = (procs, out, extra_procs, side)
+            yield config
         finally:
-            for p in extra:
-                p.join(10)
-                if p.is_alive():
-                    p.terminate()
-        elapsed = w1 - w0
-        fifo0, fifo1 = s0["outputs"]["fifo"], s1["outputs"]["fifo"]
-        iot0, iot1 = s0["outputs"]["iot"], s1["outputs"]["iot"]
-        fps = [r["parts"] / window for r in results if r["status"] == 200]
-        sse = next((r for r in side_results if "events" in r), {"events": 0})
-        poll = next((r for r in side_results if "ok" in r), {"ok": 0, "errors": 0})
-        return {
-            "fps": (s1["frames"] - s0["frames"]) / elapsed,
-            "cpu_percent": 100.0 * (c1 - c0) / elapsed,
-            "machine_busy_percent": 100.0 * os.cpu_count() * (m1[0] - m0[0]) / max(1, m1[1] - m0[1]),
-            **loop_breakdown(l0, l1, s1["frames"] - s0["frames"], elapsed),
-            "clients_cpu_percent": 100.0 * (o1 - o0) / elapsed,
-            "viewer_fps_median": median(fps), "viewer_fps_min": min(fps, default=0.0),
-            "viewers_ok": len(fps),
-            "encodes_per_s": (s1["jpeg"]["encodes_total"] - s0["jpeg"]["encodes_total"]) / elapsed,
-            "fifo_fps": (fifo1["frames_written"] - fifo0["frames_written"]) / elapsed,
-            "mqtt_per_s": (iot1["sent"] - iot0["sent"]) / elapsed,
-            "mqtt_dropped": (iot1["dropped_queue"] + iot1["dropped_offline"]
-                             - iot0["dropped_queue"] - iot0["dropped_offline"]),
-            "sse_per_s": sse["events"] / window,
-            "polls_ok": poll["ok"], "poll_errors": poll["errors"],
-        }
+            config.cont()
 
 
-def run_seed(source: str, mqtt: tuple[int, int], warmup: float, window: float, tmp: str) -> dict[str, Any]:
+@contextlib.contextmanager
+def seed_config(source: str, mqtt: tuple[int, int], tmp: str) -> Iterator[Config]:
     fifo = os.path.join(tmp, "seed.mjpeg")
     os.mkfifo(fifo)
+    counter_path = os.path.join(tmp, "seed.count")
+    with open(counter_path, "wb") as f:
+        f.write(b"\0" * 8)
     cmd = [sys.executable, str(ROOT / "bench" / "seed_baseline.py"), "--source", source,
            "--source-fps", "0", "--fifo", fifo, "--mqtt", f"mqtt://127.0.0.1:{mqtt[0]}",
-           "--warmup", str(warmup), "--window", str(window)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True,
-                            env=child_env())
+           "--counter", counter_path]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env())
     try:
-        with ffmpeg_reader(fifo) as reader:
-            out, _ = proc.communicate(timeout=warmup + window + 120)
-            reader_cpu = cpu_seconds(reader.pid) if reader.poll() is None else 0.0
-        result = dict(json.loads(out.strip().splitlines()[-1]))
-        result["ffmpeg_cpu_s"] = reader_cpu
-        return result
+        with ffmpeg_reader(fifo) as reader, open(counter_path, "rb") as f:
+            counts = mmap.mmap(f.fileno(), 8, access=mmap.ACCESS_READ)
+            config = Config("seed", "seed design (FIFO + MQTT)", proc.pid,
+                            lambda: int(struct.unpack_from("Q", counts, 0)[0]))
+            config.clients = [reader.pid]
+            deadline = time.monotonic() + 120
+            while config.frames() < 30:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("the seed baseline did not start")
+                time.sleep(0.2)
+            config.stop()
+            try:
+                yield config
+            finally:
+                config.cont()
     finally:
         stop_process(proc)
-        os.unlink(fifo)
 
 
+@contextlib.contextmanager
+def model_only_config(source: str, pin: bool = False) -> Iterator[Config]:
+    ctx = mp.get_context("spawn")
+    counter = ctx.Value("q", 0, lock=False)
+    proc = ctx.Process(target=model_only_forever, args=(source, counter, pin), daemon=True)
+    proc.start()
+    try:
+        deadline = time.monotonic() + 120
+        while counter.value < 30:
+            if not proc.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the model-only worker did not start")
+            time.sleep(0.2)
+        assert proc.pid is not None
+        key, label = ("model-pinned", "model-only, its loop pinned like the dashboard's") if pin \
+            else ("model-only", "model-only")
+        config = Config(key, label, proc.pid, lambda: int(counter.value))
+        config.stop()
+        try:
+            yield config
+        finally:
+            config.cont()
+    finally:
+        proc.terminate()
+        proc.join(10)
+
+
+# -- the machine's own bound: the model beside a busy, unrelated process --------------------------
 def probe_worker(source: str, seconds: float) -> float:
     """The model alone on one decoded frame, no other thread: fps over ``seconds``."""
     from inference.config import Settings
@@ -199,82 +333,165 @@ def contention(source: str, pairs: int = 3, seconds: float = 5.0) -> list[float]
     return ratios
 
 
+def run(args: argparse.Namespace) -> list[Config]:
+    source = args.source or demo_clip()
+    ctx = mp.get_context("spawn")
+    stop_clients = ctx.Event()
+    with contextlib.ExitStack() as stack:
+        mqtt = stack.enter_context(mosquitto())
+        tmp = stack.enter_context(tempfile.TemporaryDirectory())
+        model = stack.enter_context(model_only_config(source))
+        outputs = f"{args.viewers} viewers, SSE, /results, FIFO, MQTT"
+        configs = [
+            stack.enter_context(dashboard_config(
+                "dashboard", f"dashboard, everything on ({outputs})", source, mqtt, tmp,
+                args.viewers, stop_clients)),
+            stack.enter_context(dashboard_config(
+                "unpinned", f"dashboard, everything on, --loop-cpu off --serving-nice 0 ({outputs})",
+                source, mqtt, tmp, args.viewers, stop_clients,
+                "--loop-cpu", "off", "--serving-nice", "0")),
+            stack.enter_context(dashboard_config(
+                "seed-outputs", "dashboard, the seed's outputs only (FIFO + MQTT)", source, mqtt,
+                tmp, 0, stop_clients)),
+            stack.enter_context(seed_config(source, mqtt, tmp)),
+            stack.enter_context(model_only_config(source, pin=True)),
+        ]
+        def slice_of(config: Config) -> dict[str, float]:
+            config.cont()
+            try:
+                time.sleep(args.settle)
+                return measure(config, args.slice)
+            finally:
+                config.stop()
+
+        try:
+            # model, config 1, model, config 2, ..., model: every configuration's slice lies
+            # between two model-only slices, one slice length away on each side.
+            before = slice_of(model)
+            model.slices.append(before)
+            for cycle in range(args.cycles):
+                line = []
+                for config in configs:
+                    res = slice_of(config)
+                    after = slice_of(model)
+                    model.slices.append(after)
+                    ref = (before["fps"] + after["fps"]) / 2
+                    config.slices.append(res)
+                    config.ratios.append(res["fps"] / ref)
+                    line.append(f"{config.key} {res['fps']:.1f}/{ref:.1f} "
+                                f"x{res['fps'] / ref:.3f}")
+                    before = after
+                print(f"cycle {cycle + 1}: " + " | ".join(line), flush=True)
+        finally:
+            for config in configs:
+                config.cont()
+            model.cont()
+            stop_clients.set()
+            for config in configs:
+                if config.client_handles is None:
+                    continue
+                procs, out, extra_procs, side = config.client_handles
+                config.viewers = collect_viewers(procs, out)
+                config.side = [side.get(timeout=30) for _ in extra_procs]
+                for p in extra_procs:
+                    p.join(10)
+    return [model, *configs]
+
+
+def med(config: Config, key: str) -> float:
+    return median([s[key] for s in config.slices if key in s])
+
+
+def report(configs: list[Config], args: argparse.Namespace) -> None:
+    model, *others = configs
+    print()
+    print("| configuration | loop fps (median) | x model-only (median of slices) | slices "
+          "(min..max) | process CPU % | client-side CPU % |")
+    print("|---|---:|---:|---|---:|---:|")
+    print(f"| model-only | {med(model, 'fps'):.1f} | 1.000 | - | {med(model, 'cpu_percent'):.0f} "
+          "| - |")
+    for c in others:
+        print(f"| {c.label} | {med(c, 'fps'):.1f} | {median(c.ratios):.3f} | "
+              f"{min(c.ratios):.3f}..{max(c.ratios):.3f} | {med(c, 'cpu_percent'):.0f} | "
+              f"{med(c, 'clients_cpu_percent'):.0f} |")
+    print()
+    print("Where the loop thread's time per frame goes (ms, medians of slices; kernel schedstat):")
+    print()
+    print("| configuration | frame | on a CPU | runnable, waiting for a CPU | asleep (GIL, locks, "
+          "source) | whole machine busy (of 200 %) |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for c in others:
+        if c.server is None:
+            continue
+        print(f"| {c.label} | {med(c, 'loop_frame_ms'):.2f} | {med(c, 'loop_cpu_ms'):.2f} | "
+              f"{med(c, 'loop_runq_ms'):.2f} | {med(c, 'loop_sleep_ms'):.2f} | "
+              f"{med(c, 'machine_busy_percent'):.0f} % |")
+    print()
+    print("What each dashboard delivered while it ran (medians of slices; viewers: client-side, "
+          "parts received over the time it ran):")
+    print()
+    for c in others:
+        if c.server is None:
+            continue
+        active = sum(s["seconds"] for s in c.slices) + args.settle * len(c.slices)
+        viewers = [v for v in c.viewers if v["status"] == 200]
+        fps = [v["parts"] / active for v in viewers]
+        side = c.side
+        sse = next((r for r in side if "events" in r), None)
+        poll = next((r for r in side if "ok" in r), None)
+        parts = [f"encodes {med(c, 'encodes_per_s'):.1f}/s", f"FIFO {med(c, 'fifo_fps'):.1f} fps",
+                 f"MQTT {med(c, 'mqtt_per_s'):.1f}/s"]
+        if viewers:
+            parts.insert(0, f"{len(viewers)} viewers: median {median(fps):.1f} min {min(fps):.1f} "
+                            f"fps (server sent {med(c, 'sent_per_s'):.0f} parts/s)")
+        if sse is not None:
+            parts.append(f"SSE {sse['events'] / active:.1f} events/s")
+        if poll is not None:
+            parts.append(f"/results {poll['ok']} ok {poll['errors']} errors "
+                         f"({poll.get('reconnects', 0)} retried on a new connection after the "
+                         "server closed an idle keep-alive one)")
+        print(f"- {c.key}: " + ", ".join(parts))
+    print()
+    by_key = {c.key: c for c in others}
+    ratio = median(by_key["dashboard"].ratios)
+    print(f"- dashboard (everything on) / model-only = {ratio:.3f} (target >= {TARGET}): "
+          f"{'PASS' if ratio >= TARGET else 'FAIL'}")
+    print(f"- the same without the loop's CPU isolation and the serving threads' lower priority: "
+          f"x{median(by_key['unpinned'].ratios):.3f}")
+    print(f"- same outputs as the seed: dashboard x{median(by_key['seed-outputs'].ratios):.3f} vs "
+          f"seed x{median(by_key['seed'].ratios):.3f} of model-only")
+    pinned = median(by_key["model-pinned"].ratios)
+    print(f"- pinning alone: model-only with its loop pinned runs at x{pinned:.3f} of model-only; "
+          f"the dashboard against that: x{ratio / pinned:.3f}")
+    print("- client-side CPU = the viewer and SSE/poll client processes and ffmpeg, on this machine "
+          "(mosquitto, shared by all, not counted)")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="", help="a video file (default: bikes.mp4)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--window", type=float, default=10.0)
-    parser.add_argument("--warmup", type=float, default=5.0)
+    parser.add_argument("--cycles", type=int, default=16)
+    parser.add_argument("--slice", type=float, default=2.0, help="seconds measured per slice")
+    parser.add_argument("--settle", type=float, default=0.5,
+                        help="seconds each configuration runs before its slice is measured")
     parser.add_argument("--viewers", type=int, default=20)
+    parser.add_argument("--no-contention", action="store_true",
+                        help="skip the model-beside-a-spinning-process probe at the end")
     args = parser.parse_args()
     source = args.source or demo_clip()
     print(f"overhead: source {Path(source).name} unpaced, {args.viewers} viewers at ?res=720p, "
-          f"{args.repeats} rounds of {args.window:g} s; {machine()}", flush=True)
-    rounds: list[dict[str, dict[str, Any]]] = []
-    with mosquitto() as mqtt, tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.repeats):
-            row = {
-                "model-only": run_model_only(source, 0.0, args.warmup, args.window),
-                "dashboard": run_dashboard(source, mqtt, args.viewers, args.warmup, args.window, tmp),
-                "dashboard-seed-outputs": run_dashboard(source, mqtt, 0, args.warmup, args.window, tmp),
-                "seed": run_seed(source, mqtt, args.warmup, args.window, tmp),
-            }
-            rounds.append(row)
-            m, d, o = row["model-only"]["fps"], row["dashboard"], row["dashboard-seed-outputs"]
-            print(f"round {r + 1}: model-only {m:.1f} fps | dashboard {d['fps']:.1f} fps "
-                  f"(x{d['fps'] / m:.3f}), "
-                  f"CPU {d['cpu_percent']:.0f} % + clients {d['clients_cpu_percent']:.0f} %, viewers median "
-                  f"{d['viewer_fps_median']:.1f} min {d['viewer_fps_min']:.1f} ({d['viewers_ok']} ok), "
-                  f"encodes {d['encodes_per_s']:.1f}/s, FIFO {d['fifo_fps']:.1f} fps, MQTT "
-                  f"{d['mqtt_per_s']:.1f}/s ({d['mqtt_dropped']} dropped), SSE {d['sse_per_s']:.1f}/s, "
-                  f"/results {d['polls_ok']} ok {d['poll_errors']} errors | FIFO + MQTT only "
-                  f"{o['fps']:.1f} fps (x{o['fps'] / m:.3f}) | seed {row['seed']['fps']:.1f} fps "
-                  f"(x{row['seed']['fps'] / m:.3f})", flush=True)
-
-    def med(kind: str, key: str = "fps") -> float:
-        return median([row[kind][key] for row in rounds])
-
-    mo = med("model-only")
-    ratios = {k: [row[k]["fps"] / row["model-only"]["fps"] for row in rounds]
-              for k in ("dashboard", "dashboard-seed-outputs", "seed")}
-    labels = {"dashboard": f"dashboard, everything on ({args.viewers} viewers, SSE, /results, FIFO, MQTT)",
-              "dashboard-seed-outputs": "dashboard, the seed's outputs only (FIFO + MQTT)",
-              "seed": "seed design (FIFO + MQTT)"}
-    print()
-    print("| configuration | loop fps (median) | x model-only (median of rounds) | worst round "
-          "| process CPU % | client-side CPU % |")
-    print("|---|---:|---:|---:|---:|---:|")
-    print(f"| model-only | {mo:.1f} | 1.000 | 1.000 | {med('model-only', 'cpu_percent'):.0f} | - |")
-    for key, label in labels.items():
-        clients = f"{med(key, 'clients_cpu_percent'):.0f}" if key != "seed" else "-"
-        print(f"| {label} | {med(key):.1f} | {median(ratios[key]):.3f} | {min(ratios[key]):.3f} | "
-              f"{med(key, 'cpu_percent'):.0f} | {clients} |")
-    print()
-    print("Where the loop thread's time per frame goes (ms, medians; kernel schedstat of that thread):")
-    print()
-    print("| configuration | frame | on a CPU | runnable, waiting for a CPU | asleep (GIL, locks, source) "
-          "| whole machine busy (of 200 %) |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for key, label in (("model-only", "model-only"), *((k, labels[k]) for k in ("dashboard",
-                                                                                 "dashboard-seed-outputs"))):
-        busy = f"{med(key, 'machine_busy_percent'):.0f} %" if key != "model-only" else "-"
-        print(f"| {label} | {med(key, 'loop_frame_ms'):.2f} | {med(key, 'loop_cpu_ms'):.2f} | "
-              f"{med(key, 'loop_runq_ms'):.2f} | {med(key, 'loop_sleep_ms'):.2f} | {busy} |")
-    print()
-    ratio = median(ratios["dashboard"])
-    print(f"- dashboard (everything on) / model-only = {ratio:.3f} (target >= 0.95): "
-          f"{'PASS' if ratio >= 0.95 else 'FAIL'}")
-    print(f"- same outputs as the seed: dashboard x{median(ratios['dashboard-seed-outputs']):.3f} vs seed "
-          f"x{median(ratios['seed']):.3f} of model-only")
-    print("- client-side CPU = the viewer and SSE/poll client processes, ffmpeg and mosquitto, all on "
-          "this machine")
-    probe_ratios = contention(source)
-    bound = median(probe_ratios)
-    verdict = ("a busy neighbour alone slows the model" if bound < 0.95
-               else "a busy neighbour alone does not explain the gap")
-    print(f"- the machine's bound: the model alone runs at x{bound:.3f} of its speed "
-          f"(pairs: {', '.join(f'{r:.3f}' for r in probe_ratios)}) while one other process spins on the "
-          f"second vCPU (no shared data, no I/O): {verdict}")
+          f"{args.cycles} cycles of {args.slice:g} s slices (+{args.settle:g} s settle); "
+          f"{machine()}", flush=True)
+    configs = run(args)
+    report(configs, args)
+    if not args.no_contention:
+        ratios = contention(source)
+        bound = median(ratios)
+        verdict = ("a busy neighbour alone slows the model" if bound < TARGET
+                   else "a busy neighbour alone does not explain a gap")
+        print(f"- the machine's bound: the model alone runs at x{bound:.3f} of its speed (pairs: "
+              f"{', '.join(f'{r:.3f}' for r in ratios)}) while one other process spins on the "
+              f"second vCPU (no shared data, no I/O): {verdict}")
     return 0
 
 

@@ -1,7 +1,7 @@
 """The seed's own design, for bench/overhead.py: the DeepLens inference Lambda as AWS wrote it.
 
     python bench/seed_baseline.py --fifo PATH --mqtt mqtt://127.0.0.1:PORT [--source ...]
-        [--source-fps 0] [--warmup 4] [--window 10]
+        [--source-fps 0] [--warmup 4] [--window 10] [--counter FILE]
 
 Reproduces /work/shared/reference/seed-deeplens-inference-lambda.md on the same frames and model
 as the dashboard: in the loop thread, read -> preprocess -> infer -> parse -> top-k -> putText
@@ -10,13 +10,19 @@ as the dashboard: in the loop thread, read -> preprocess -> infer -> parse -> to
 sent, as the Greengrass SDK's IPC call returns once delivered to the core). ``LocalDisplay`` is
 the seed's thread: it opens the FIFO (blocking until a reader comes) and rewrites the latest JPEG
 in a busy loop. Prints one JSON line: loop fps and process CPU % over the window.
+
+With ``--counter FILE`` it runs until SIGTERM and keeps its frame count in the first 8 bytes of
+FILE (native-endian unsigned), so bench/overhead.py can measure it in slices, stopping and
+continuing the process (SIGSTOP/SIGCONT) between them.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import mmap
 import os
+import struct
 import sys
 import threading
 import time
@@ -70,6 +76,7 @@ def main() -> int:
     parser.add_argument("--mqtt", required=True, help="mqtt://127.0.0.1:PORT")
     parser.add_argument("--warmup", type=float, default=4.0)
     parser.add_argument("--window", type=float, default=10.0)
+    parser.add_argument("--counter", default="", help="run until SIGTERM, counting frames here")
     args = parser.parse_args()
 
     import paho.mqtt.client as mqtt
@@ -107,6 +114,14 @@ def main() -> int:
         info.wait_for_publish(2.0)
 
     try:
+        if args.counter:
+            with open(args.counter, "r+b") as f:
+                counter = mmap.mmap(f.fileno(), 8)
+            frames = 0
+            while True:  # until SIGTERM (bench.common turns it into SystemExit: finally runs)
+                step()
+                frames += 1
+                struct.pack_into("Q", counter, 0, frames)
         end_warm = time.monotonic() + args.warmup
         while time.monotonic() < end_warm:
             step()
