@@ -1,7 +1,7 @@
 """Overhead: loop fps with every output on vs model-only fps, and the seed's design, same run.
 
     python bench/overhead.py [--source PATH] [--cycles 16] [--slice 2] [--settle 0.5]
-                             [--viewers 20] [--no-contention]
+                             [--viewers 20] [--clients-cpu N|off] [--no-contention]
 
 Every configuration runs in its own processes, all started at once, and they take turns: in each
 cycle every configuration runs alone for ``--slice`` seconds (after ``--settle`` seconds to get
@@ -28,6 +28,10 @@ Configurations, on the same frames (``--source``, default the bundled bikes.mp4,
   synchronous publish to the same mosquitto per inference;
 - model-only, pinned: the model-only loop with its thread pinned where the dashboard pins its
   loop, to show how much of the dashboard's figure is pinning itself rather than cheap outputs.
+
+The clients run on this machine, where on a device they would be browsers and subscribers on
+other machines; ``--clients-cpu N`` keeps them all (viewers, SSE/poll, ffmpeg, mosquitto) on CPU N,
+so the share of the loop's CPU they take here can be told from the product's own.
 
 Also reported per dashboard: where the loop thread's time per frame goes (kernel schedstat), its
 process's and its clients' CPU, and what each output delivered while it ran.
@@ -132,6 +136,17 @@ class Config:
         os.kill(self.pid, signal.SIGCONT)
 
 
+def confine(pids: list[int], cpu: int | None) -> None:
+    """Every thread of the processes ``pids`` on ``cpu`` (``--clients-cpu``); None: leave them."""
+    if cpu is None:
+        return
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{pid}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(tid), {cpu})
+
+
 def clients_cpu(pids: list[int]) -> float:
     total = 0.0
     for pid in pids:
@@ -188,7 +203,8 @@ def measure(config: Config, seconds: float) -> dict[str, float]:
 
 @contextlib.contextmanager
 def dashboard_config(key: str, label: str, source: str, mqtt: tuple[int, int], tmp: str,
-                     viewers: int, stop_clients: Any, *extra: str) -> Iterator[Config]:
+                     viewers: int, stop_clients: Any, clients_at: int | None,
+                     *extra: str) -> Iterator[Config]:
     fifo = os.path.join(tmp, f"{key}.mjpeg")
     with dashboard(source, "--source-fps", "0", "--fifo", fifo, "--fifo-res", "480p",
                    "--iot", "mqtt", "--mqtt", f"mqtt://127.0.0.1:{mqtt[0]}",
@@ -213,6 +229,7 @@ def dashboard_config(key: str, label: str, source: str, mqtt: tuple[int, int], t
             p.start()
         config = Config(key, label, server.pid, lambda: int(server.stats()["frames"]), server)
         config.clients = [reader.pid] + [p.pid for p in procs + extra_procs if p.pid]
+        confine(config.clients, clients_at)
         try:
             if viewers:  # everyone connected before the first slice
                 deadline = time.monotonic() + 60
@@ -229,7 +246,8 @@ def dashboard_config(key: str, label: str, source: str, mqtt: tuple[int, int], t
 
 
 @contextlib.contextmanager
-def seed_config(source: str, mqtt: tuple[int, int], tmp: str) -> Iterator[Config]:
+def seed_config(source: str, mqtt: tuple[int, int], tmp: str,
+                clients_at: int | None) -> Iterator[Config]:
     fifo = os.path.join(tmp, "seed.mjpeg")
     os.mkfifo(fifo)
     counter_path = os.path.join(tmp, "seed.count")
@@ -245,6 +263,7 @@ def seed_config(source: str, mqtt: tuple[int, int], tmp: str) -> Iterator[Config
             config = Config("seed", "seed design (FIFO + MQTT)", proc.pid,
                             lambda: int(struct.unpack_from("Q", counts, 0)[0]))
             config.clients = [reader.pid]
+            confine(config.clients, clients_at)
             deadline = time.monotonic() + 120
             while config.frames() < 30:
                 if proc.poll() is not None or time.monotonic() > deadline:
@@ -340,20 +359,22 @@ def run(args: argparse.Namespace) -> list[Config]:
     with contextlib.ExitStack() as stack:
         mqtt = stack.enter_context(mosquitto())
         tmp = stack.enter_context(tempfile.TemporaryDirectory())
+        clients_at = None if args.clients_cpu == "off" else int(args.clients_cpu)
+        confine([mqtt[1]], clients_at)
         model = stack.enter_context(model_only_config(source))
         outputs = f"{args.viewers} viewers, SSE, /results, FIFO, MQTT"
         configs = [
             stack.enter_context(dashboard_config(
                 "dashboard", f"dashboard, everything on ({outputs})", source, mqtt, tmp,
-                args.viewers, stop_clients)),
+                args.viewers, stop_clients, clients_at)),
             stack.enter_context(dashboard_config(
                 "unpinned", f"dashboard, everything on, --loop-cpu off --serving-nice 0 ({outputs})",
-                source, mqtt, tmp, args.viewers, stop_clients,
+                source, mqtt, tmp, args.viewers, stop_clients, clients_at,
                 "--loop-cpu", "off", "--serving-nice", "0")),
             stack.enter_context(dashboard_config(
                 "seed-outputs", "dashboard, the seed's outputs only (FIFO + MQTT)", source, mqtt,
-                tmp, 0, stop_clients)),
-            stack.enter_context(seed_config(source, mqtt, tmp)),
+                tmp, 0, stop_clients, clients_at)),
+            stack.enter_context(seed_config(source, mqtt, tmp, clients_at)),
             stack.enter_context(model_only_config(source, pin=True)),
         ]
         def slice_of(config: Config) -> dict[str, float]:
@@ -475,13 +496,22 @@ def main() -> int:
     parser.add_argument("--settle", type=float, default=0.5,
                         help="seconds each configuration runs before its slice is measured")
     parser.add_argument("--viewers", type=int, default=20)
+    parser.add_argument("--clients-cpu", default="off", metavar="N|off",
+                        help="keep every client process (viewers, SSE/poll, ffmpeg, mosquitto) on "
+                             "CPU N, as clients on other machines would leave the loop's CPU alone "
+                             "(default off: the scheduler places them)")
     parser.add_argument("--no-contention", action="store_true",
                         help="skip the model-beside-a-spinning-process probe at the end")
     args = parser.parse_args()
     source = args.source or demo_clip()
+    if args.clients_cpu != "off" and (not args.clients_cpu.isdigit()
+                                      or int(args.clients_cpu) not in os.sched_getaffinity(0)):
+        parser.error(f"--clients-cpu: expected off or a CPU this process may use, "
+                     f"got {args.clients_cpu!r}")
+    clients = "" if args.clients_cpu == "off" else f", clients on CPU {args.clients_cpu}"
     print(f"overhead: source {Path(source).name} unpaced, {args.viewers} viewers at ?res=720p, "
-          f"{args.cycles} cycles of {args.slice:g} s slices (+{args.settle:g} s settle); "
-          f"{machine()}", flush=True)
+          f"{args.cycles} cycles of {args.slice:g} s slices (+{args.settle:g} s settle)"
+          f"{clients}; {machine()}", flush=True)
     configs = run(args)
     report(configs, args)
     if not args.no_contention:
