@@ -28,7 +28,8 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +221,37 @@ def _nice_of(tid: int) -> int | None:
 # The process's own nice value, read at import by the thread that imports us (the main thread,
 # or Greengrass's): the serving threads are set relative to it, never to each other.
 BASE_NICE = _nice_of(0) or 0
+
+
+@contextmanager
+def unconfined() -> Iterator[None]:
+    """Run the block on every CPU of the active isolation, then restore the calling thread's mask.
+
+    A thread inherits its creator's mask. A model or a source loaded on a serving thread (a live
+    settings change runs on the event loop's worker thread) would start its threads (ONNX
+    Runtime's pool, a video source's decoders) confined to the serving CPUs, which
+    :meth:`CpuIsolation.check` does not undo: they are neither serving threads nor on the loop's
+    CPU. Loading inside this block starts them with every CPU, as at start-up.
+    """
+    with _LOCK:
+        active = _ACTIVE[-1] if _ACTIVE else None
+    tid = threading.get_native_id()
+    before = _affinity(tid) if active is not None else None
+    widened = False
+    if active is not None and before is not None and before != active.cpus:
+        try:
+            os.sched_setaffinity(tid, active.cpus)
+            widened = True
+        except OSError:
+            pass  # confined it stays: slower threads, not a failed change
+    try:
+        yield
+    finally:
+        if widened and before is not None:
+            try:
+                os.sched_setaffinity(tid, before)
+            except OSError:
+                pass
 
 
 def lower_priority(nice: int) -> int | None:

@@ -26,7 +26,7 @@ from typing import Any
 import cv2
 
 from inference import overlay
-from inference.affinity import CpuIsolation, available_cpus, choose_cpu
+from inference.affinity import CpuIsolation, available_cpus, choose_cpu, unconfined
 from inference.config import Settings
 from inference.hub import FrameHub, Render, target_size
 from inference.logutil import RateLimitedLog
@@ -218,16 +218,19 @@ class InferenceLoop:
             # Load everything first and commit only when all succeeded: a PATCH that changes the
             # model and a broken source must leave both as they were.
             model = source = None
-            if "model" in changes and changes["model"] != self.settings.model:
-                model = self._model_factory(new)
-            if "source" in changes and changes["source"] != self.settings.source:
-                try:
-                    source = self._source_factory(new)
-                    source.open()
-                except Exception:
-                    if source is not None:
-                        source.close()
-                    raise
+            # Their threads (a model's pool, a source's decoders) must not inherit the calling
+            # serving thread's CPUs.
+            with unconfined():
+                if "model" in changes and changes["model"] != self.settings.model:
+                    model = self._model_factory(new)
+                if "source" in changes and changes["source"] != self.settings.source:
+                    try:
+                        source = self._source_factory(new)
+                        source.open()
+                    except Exception:
+                        if source is not None:
+                            source.close()
+                        raise
             if model is not None:
                 self._model = model
                 self.stats.model_load_error = None

@@ -246,6 +246,62 @@ def test_threads_that_inherit_the_loops_cpu_are_given_every_cpu_back(run_loop: A
         loop.stop()
 
 
+@needs_linux
+def test_a_source_or_model_switched_from_a_serving_thread_gets_every_cpu() -> None:
+    assert CPUS is not None
+    if len(CPUS) < 2:
+        return
+    sources: list[ThreadedSource] = []
+    pools: list[int] = []
+
+    def make_source(settings: Settings) -> ThreadedSource:
+        sources.append(ThreadedSource())
+        return sources[-1]
+
+    def make_model(settings: Settings) -> TinyModel:
+        # As ONNX Runtime starts its intra-op pool when a session is created.
+        started = threading.Event()
+
+        def pool() -> None:
+            pools.append(threading.get_native_id())
+            started.set()
+            hold.wait(30)
+
+        threading.Thread(target=pool, name="model-pool", daemon=True).start()
+        started.wait(5)
+        return TinyModel()
+
+    hold = threading.Event()
+    loop = InferenceLoop(Settings(source="a", model="m1", loop_cpu="auto"), FrameHub(),
+                         make_source, make_model)
+    loop.prepare()
+    loop.start()
+    try:
+        assert wait_until(lambda: loop.stats.frames >= 5)
+        iso = loop.isolation
+        assert iso is not None and iso.active
+        others = set(CPUS) - {iso.cpu}
+        seen: dict[str, set[int]] = {}
+
+        def serving_worker() -> None:  # the event loop's worker thread running a PATCH
+            serving_thread(0)
+            loop.update({"source": "b", "model": "m2"})
+            seen["after"] = thread_cpus(threading.get_native_id())
+
+        worker = threading.Thread(target=serving_worker, name="patch-worker", daemon=True)
+        worker.start()
+        worker.join(10)
+        assert len(sources) == 2 and sources[1].helper_tid is not None and len(pools) == 2
+        assert thread_cpus(sources[1].helper_tid) == set(CPUS)  # not the serving CPUs
+        assert thread_cpus(pools[1]) == set(CPUS)
+        assert seen["after"] == others  # the serving thread itself is confined again
+    finally:
+        hold.set()
+        loop.close()
+        for source in sources:
+            source.close()
+
+
 def test_off_leaves_every_thread_where_it_was(run_loop: Any) -> None:
     before = thread_cpus(threading.get_native_id()) if LINUX else None
     loop = run_loop(Settings(source="x", loop_cpu="off"), ThreadedSource(), TinyModel())
