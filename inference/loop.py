@@ -405,7 +405,10 @@ class InferenceLoop:
         self._last_display_size = (dw, dh)
         publication = (frame, result, render, (dw, dh))
         self._flush_pending()
-        if error is None and model is not None and self._source_ready():
+        ready = self._source_ready()
+        if self.isolation is not None:
+            self.isolation.note(ready)  # a loop that waits for its source lets go of its CPU
+        if error is None and model is not None and ready:
             self._pending = publication
         else:
             self.hub.publish(*publication)

@@ -302,6 +302,50 @@ def test_a_source_or_model_switched_from_a_serving_thread_gets_every_cpu() -> No
             source.close()
 
 
+@needs_linux
+def test_a_loop_that_waits_for_its_source_lets_go_of_its_cpu_and_takes_it_back_when_busy(
+    run_loop: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Isolation is for a loop the model paces: one that waits for its camera leaves room on its
+    CPU, and keeping the serving threads off it would only queue them on the others."""
+    assert CPUS is not None
+    if len(CPUS) < 2:
+        return
+    monkeypatch.setattr(affinity, "CHECK_INTERVAL", 0.1)
+    source = ThreadedSource()
+    waiting = threading.Event()
+    waiting.set()
+    source.ready = lambda: not waiting.is_set()  # type: ignore[method-assign]
+    hold = threading.Event()
+    tids: list[int] = []
+
+    def server() -> None:
+        serving_thread(0)
+        tids.append(threading.get_native_id())
+        hold.wait(30)
+
+    threading.Thread(target=server, name="server", daemon=True).start()
+    try:
+        assert wait_until(lambda: bool(tids))
+        loop = run_loop(Settings(source="x", loop_cpu="auto"), source, TinyModel())
+        iso = loop.isolation
+        assert iso is not None and iso.active
+        tid = loop.stats.thread_id
+        others = set(CPUS) - {iso.cpu}
+        # Never the next frame waiting: let go within an interval or two.
+        assert wait_until(lambda: not iso.engaged, 5)
+        assert thread_cpus(tid) == set(CPUS) and thread_cpus(tids[0]) == set(CPUS)
+        report = iso.to_json()
+        assert report["active"] and not report["engaged"] and report["saturation"] <= 0.25
+        # The model falls behind its source (every frame finds the next one waiting): engage.
+        waiting.clear()
+        assert wait_until(lambda: iso.engaged, 5)
+        assert thread_cpus(tid) == {iso.cpu} and thread_cpus(tids[0]) == others
+        assert iso.to_json()["saturation"] >= 0.75 and iso.engagements >= 2
+    finally:
+        hold.set()
+
+
 def test_off_leaves_every_thread_where_it_was(run_loop: Any) -> None:
     before = thread_cpus(threading.get_native_id()) if LINUX else None
     loop = run_loop(Settings(source="x", loop_cpu="off"), ThreadedSource(), TinyModel())
