@@ -214,12 +214,13 @@ class CpuIsolation:
             elif not self.engaged and self.saturation >= ENGAGE_AT:
                 self._engage()  # checks the threads itself
                 return
-        if not self.engaged:
-            return
         live = set(_thread_ids())
         with _LOCK:
-            _SERVING.intersection_update(live)  # forget threads that have ended
+            if live:  # an unreadable /proc says nothing about which threads ended
+                _SERVING.intersection_update(live)  # forget threads that have ended
             serving, pinned = set(_SERVING), set(_PINNED)
+        if not self.engaged:
+            return
         for tid in live:
             if tid == self.loop_tid or tid in pinned:
                 continue
