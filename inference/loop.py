@@ -280,7 +280,8 @@ class InferenceLoop:
         if cpu is None or cpus is None:
             self.isolation = None
             return
-        self.isolation = CpuIsolation(cpu, cpus)
+        hub = self.hub
+        self.isolation = CpuIsolation(cpu, cpus, watched=lambda: hub.total_encodes)
         self.isolation.apply()
 
     def _flush_pending(self) -> None:

@@ -334,7 +334,26 @@ def test_a_loop_that_waits_for_its_source_lets_go_of_its_cpu_and_takes_it_back_w
         others = set(CPUS) - {iso.cpu}
         # Never the next frame waiting: let go within an interval or two.
         assert wait_until(lambda: not iso.engaged, 5)
-        assert thread_cpus(tid) == set(CPUS) and thread_cpus(tids[0]) == set(CPUS)
+        assert thread_cpus(tids[0]) == set(CPUS)  # the serving thread may use the loop's CPU
+        # Nobody watching: the loop itself stays where its caches are.
+        assert thread_cpus(tid) == {iso.cpu} and iso.to_json()["loop_pinned"] is True
+        # Someone watching (frames encoded for a viewer): the loop may step aside for them.
+        watching = threading.Event()
+        watching.set()
+
+        def viewer() -> None:
+            seq = 0
+            while watching.is_set():
+                item = loop.hub.wait_newer(seq, 1.0)
+                if item is not None:
+                    loop.hub.jpeg("native", item)
+                    seq = item.seq
+
+        threading.Thread(target=viewer, name="viewer", daemon=True).start()
+        assert wait_until(lambda: thread_cpus(tid) == set(CPUS), 5)
+        assert not iso.engaged and not iso.to_json()["loop_pinned"]
+        watching.clear()
+        assert wait_until(lambda: thread_cpus(tid) == {iso.cpu}, 5)  # nobody watches again
         report = iso.to_json()
         assert report["active"] and not report["engaged"] and report["saturation"] <= 0.25
         # The model falls behind its source (every frame finds the next one waiting): engage.
