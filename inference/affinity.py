@@ -23,8 +23,10 @@ both on by default where they apply:
   measured, the idle dashboard's CPU x1.002 of model-only pinned vs x1.074 unpinned) and may move
   while someone does, so that it can step aside for the stream (p99 capture-to-viewer at 20
   viewers 49.6 ms pinned vs 36.6 ms unpinned).
-- **Lower priority for serving threads** (``--serving-nice``): the serving threads but the event
-  loop raise their own nice value, so when they and the loop want a CPU at once, the loop wins. The
+- **Lower priority for serving threads** (``--serving-nice``, default 10; its price: the encoders
+  lag during viewer churn and more frames stay alive, bench/README.md fix 8): the serving threads
+  but the event loop raise their own nice value, so when they and the loop want a CPU at once, the
+  loop wins. The
   event-loop thread keeps the process's priority: a thread inherits its creator's nice value and
   can never lower it again, and it is the event loop that starts a new inference loop after
   ``POST /api/pipeline/start``.
