@@ -245,6 +245,16 @@ def dashboard_config(key: str, label: str, source: str, mqtt: tuple[int, int], t
             config.cont()
 
 
+def wait_started(frames: Callable[[], int], alive: Callable[[], bool], what: str,
+                 timeout: float = 120.0) -> None:
+    """Until ``frames()`` reaches 30 (warm), or raise if the process died or ``timeout`` passed."""
+    deadline = time.monotonic() + timeout
+    while frames() < 30:
+        if not alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"{what} did not start")
+        time.sleep(0.2)
+
+
 @contextlib.contextmanager
 def seed_config(source: str, mqtt: tuple[int, int], tmp: str,
                 clients_at: int | None) -> Iterator[Config]:
@@ -264,11 +274,7 @@ def seed_config(source: str, mqtt: tuple[int, int], tmp: str,
                             lambda: int(struct.unpack_from("Q", counts, 0)[0]))
             config.clients = [reader.pid]
             confine(config.clients, clients_at)
-            deadline = time.monotonic() + 120
-            while config.frames() < 30:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("the seed baseline did not start")
-                time.sleep(0.2)
+            wait_started(config.frames, lambda: proc.poll() is None, "the seed baseline")
             config.stop()
             try:
                 yield config
@@ -285,11 +291,7 @@ def model_only_config(source: str, pin: bool = False) -> Iterator[Config]:
     proc = ctx.Process(target=model_only_forever, args=(source, counter, pin), daemon=True)
     proc.start()
     try:
-        deadline = time.monotonic() + 120
-        while counter.value < 30:
-            if not proc.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the model-only worker did not start")
-            time.sleep(0.2)
+        wait_started(lambda: int(counter.value), proc.is_alive, "the model-only worker")
         assert proc.pid is not None
         key, label = ("model-pinned", "model-only, its loop pinned like the dashboard's") if pin \
             else ("model-only", "model-only")

@@ -26,10 +26,9 @@ both on by default where they apply:
 - **Lower priority for serving threads** (``--serving-nice``, default 10; its price: the encoders
   lag during viewer churn and more frames stay alive, bench/README.md fix 8): the serving threads
   but the event loop raise their own nice value, so when they and the loop want a CPU at once, the
-  loop wins. The
-  event-loop thread keeps the process's priority: a thread inherits its creator's nice value and
-  can never lower it again, and it is the event loop that starts a new inference loop after
-  ``POST /api/pipeline/start``.
+  loop wins. The event-loop thread keeps the process's priority: a thread inherits its creator's
+  nice value and can never lower it again, and it is the event loop that starts a new inference
+  loop after ``POST /api/pipeline/start``.
 
 Both are Linux calls; elsewhere they do nothing and ``/api/stats`` says so.
 """
@@ -204,10 +203,13 @@ class CpuIsolation:
         self.engaged = False
         with _LOCK:
             serving = set(_SERVING)
-        for tid in serving:
+        self._free(serving)
+        log.info("inference loop waits for its source: the serving threads use every CPU")
+
+    def _free(self, tids: set[int]) -> None:
+        for tid in tids:
             if _affinity(tid) not in (None, self.cpus):
                 self._set(tid, self.cpus)
-        log.info("inference loop waits for its source: the serving threads use every CPU")
 
     def place(self, tid: int) -> None:
         """Keep serving thread ``tid`` off the loop's CPU while engaged."""
@@ -263,9 +265,7 @@ class CpuIsolation:
             serving = set(_SERVING)
             still_active = bool(_ACTIVE)
         if not still_active:
-            for tid in serving:
-                if _affinity(tid) not in (None, self.cpus):
-                    self._set(tid, self.cpus)
+            self._free(serving)
         self.loop_tid = None
         self.engaged = self.loop_pinned = False
 

@@ -250,7 +250,7 @@ def test_threads_that_inherit_the_loops_cpu_are_given_every_cpu_back(run_loop: A
 def test_a_source_or_model_switched_from_a_serving_thread_gets_every_cpu() -> None:
     assert CPUS is not None
     if len(CPUS) < 2:
-        return
+        pytest.skip("one CPU: the loop is never isolated (tested above)")
     sources: list[ThreadedSource] = []
     pools: list[int] = []
 
@@ -310,7 +310,7 @@ def test_a_loop_that_waits_for_its_source_lets_go_of_its_cpu_and_takes_it_back_w
     CPU, and keeping the serving threads off it would only queue them on the others."""
     assert CPUS is not None
     if len(CPUS) < 2:
-        return
+        pytest.skip("one CPU: the loop is never isolated (tested above)")
     monkeypatch.setattr(affinity, "CHECK_INTERVAL", 0.1)
     source = ThreadedSource()
     waiting = threading.Event()
