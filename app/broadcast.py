@@ -96,6 +96,22 @@ def release_memory() -> None:
     trim(0)
 
 
+def _post_all(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[T]]],
+              result: T | None, error: BaseException | None) -> None:
+    """Settle every future, with one wake-up per event loop rather than one per future."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[T]]] = {}
+    for loop, future in waiters:
+        by_loop.setdefault(loop, []).append(future)
+    for loop, futures in by_loop.items():
+        def settle_all(futures: list[asyncio.Future[T]] = futures) -> None:
+            for future in futures:
+                _settle(future, result, error)
+        try:
+            loop.call_soon_threadsafe(settle_all)
+        except RuntimeError:
+            pass  # the event loop has closed: nobody awaits these any more
+
+
 async def call_in_thread(name: str, fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)`` in a fresh named thread, awaited without blocking the event loop.
 
@@ -119,16 +135,33 @@ async def call_in_thread(name: str, fn: Callable[..., T], *args: Any) -> T:
     return await future
 
 
+@dataclass
+class _Pending:
+    """The encode one resolution waits for: the newest frame asked for, and everyone awaiting it."""
+
+    item: Published
+    waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[SharedFrame]]]
+
+
 class Encoder:
-    """A few named threads that JPEG-encode on request; owned and stopped by the Broadcaster."""
+    """A few named threads that JPEG-encode on request; owned and stopped by the Broadcaster.
+
+    Requests coalesce per resolution: while one waits for a thread, a newer frame asked for at the
+    same resolution takes its place and every waiter gets that newer encode. An encoder that falls
+    behind (it runs at ``--serving-nice``, so it does whenever the CPU is busy) then skips to the
+    newest frame instead of encoding a queue of stale ones, and keeps at most one frame per
+    resolution alive for it rather than one per request: the soak's churn measured several MB of
+    extra high-water RSS from those queued frames.
+    """
 
     def __init__(self, hub: FrameHub, threads: int = ENCODER_THREADS, nice: int = 0) -> None:
         self.hub = hub
         self.nice = nice  # added to each encoder thread's nice value (--serving-nice)
         self.thread_nice: dict[str, int | None] = {}
-        self._jobs: queue.SimpleQueue[
-            tuple[Published, str, asyncio.AbstractEventLoop, asyncio.Future[SharedFrame]] | None
-        ] = queue.SimpleQueue()
+        self.coalesced = 0  # requests answered by a newer frame's encode
+        self._lock = threading.Lock()
+        self._pending: dict[str, _Pending] = {}
+        self._jobs: queue.SimpleQueue[str | None] = queue.SimpleQueue()
         self._threads = [
             threading.Thread(target=self._run, name=f"jpeg-encode-{i}", daemon=True)
             for i in range(threads)
@@ -137,21 +170,33 @@ class Encoder:
             thread.start()
 
     def submit(self, item: Published, res: str) -> asyncio.Future[SharedFrame]:
+        """A future for ``item`` at ``res``, or for a newer frame if one is asked for meanwhile."""
         loop = asyncio.get_running_loop()
         future: asyncio.Future[SharedFrame] = loop.create_future()
-        self._jobs.put((item, res, loop, future))
+        with self._lock:
+            pending = self._pending.get(res)
+            if pending is None:
+                self._pending[res] = _Pending(item, [(loop, future)])
+                self._jobs.put(res)
+            else:
+                if item.seq > pending.item.seq:
+                    pending.item = item
+                pending.waiters.append((loop, future))
+                self.coalesced += 1
         return future
 
     def _run(self) -> None:
         self.thread_nice[threading.current_thread().name] = serving_thread(self.nice)
-        while (job := self._jobs.get()) is not None:
-            item, res, loop, future = job
+        while (res := self._jobs.get()) is not None:
+            with self._lock:
+                pending = self._pending.pop(res)
             try:
-                frame = self._encode(item, res)
+                frame = self._encode(pending.item, res)
             except Exception as exc:
-                _post(loop, future, None, exc)
+                _post_all(pending.waiters, None, exc)
             else:
-                _post(loop, future, frame, None)
+                _post_all(pending.waiters, frame, None)
+            del pending  # a thread idle in get() must not keep the last frame alive
 
     def _encode(self, item: Published, res: str) -> SharedFrame:
         encoded = self.hub.jpeg(res, item)

@@ -332,3 +332,39 @@ def test_broadcaster_wakes_the_event_loop_only_when_someone_waits() -> None:
     idle_wakes, wakes, newer = asyncio.run(scenario())
     assert idle_wakes == 0
     assert newer and wakes >= 1
+
+
+def test_a_lagging_encoder_skips_to_the_newest_frame() -> None:
+    """Requests queued behind a slow encode coalesce: one encode of the newest frame answers them."""
+    import asyncio
+
+    from app.broadcast import Encoder
+    from inference.hub import FrameHub
+    from inference.result import Result
+
+    hub = FrameHub()
+    release = threading.Event()
+    image = np.zeros((16, 16, 3), np.uint8)
+
+    def slow_render(raw: np.ndarray) -> np.ndarray:
+        release.wait(5)  # the encoder is busy with frame 1 while 2, 3 and 4 are asked for
+        return raw
+
+    async def scenario() -> list[int]:
+        encoder = Encoder(hub, threads=1)
+        try:
+            hub.publish(image, Result(1, time.time(), None, (16, 16)), render=slow_render)
+            futures = [encoder.submit(hub.latest(), "native")]  # type: ignore[arg-type]
+            await asyncio.sleep(0.1)
+            for seq in (2, 3, 4):
+                hub.publish(image, Result(seq, time.time(), None, (16, 16)))
+                futures.append(encoder.submit(hub.latest(), "native"))  # type: ignore[arg-type]
+            release.set()
+            frames = await asyncio.wait_for(asyncio.gather(*futures), 5)
+            assert encoder.coalesced == 2
+            return [frame.seq for frame in frames]
+        finally:
+            encoder.stop()
+
+    assert asyncio.run(scenario()) == [1, 4, 4, 4]  # frames 2 and 3 were never encoded
+    assert hub.encodes["native"] == 2

@@ -64,7 +64,9 @@ async def _events(broadcaster: Broadcaster, runtime: Runtime, viewer: Viewer) ->
             continue
         last_seq, last_sent = item.seq, time.monotonic()
         broadcaster.record_sent(viewer, item.seq)
-        yield _event(result_json(runtime, item), item.seq)
+        event = _event(result_json(runtime, item), item.seq)
+        del item  # a slow subscriber waits in the yield: it must not keep the frame alive
+        yield event
 
 
 @router.get(

@@ -92,14 +92,19 @@ async def _parts(broadcaster: Broadcaster, viewer: Viewer, res: str) -> AsyncIte
         if item is None or (not newer and time.monotonic() < deadline):
             continue
         # Not newer past the deadline: the same frame again keeps viewers and proxies alive.
+        seq, encoding = item.seq, broadcaster.frame(item, res)
+        # A slow viewer waits in the yield below for as long as its socket is full: holding the
+        # frame there would keep a few MB alive per slow viewer.
+        del item
         try:
-            frame = await broadcaster.frame(item, res)
+            frame = await encoding
         except Exception as exc:  # one bad frame must not end the stream; wait for the next
-            log.warning("encoding frame %d at %s failed: %s", item.seq, res, exc)
-            last_seq, last_sent = max(last_seq, item.seq), time.monotonic()
+            log.warning("encoding frame %d at %s failed: %s", seq, res, exc)
+            last_seq, last_sent = max(last_seq, seq), time.monotonic()
             continue
         broadcaster.record_sent(viewer, frame.seq)
-        last_seq, last_sent = max(last_seq, item.seq), time.monotonic()
+        # The encode may be of a newer frame than asked for (the encoder skips to the newest).
+        last_seq, last_sent = max(last_seq, seq, frame.seq), time.monotonic()
         yield frame.part
 
 
