@@ -13,7 +13,8 @@ configuration's slice is divided by the mean of the model-only slices just befor
 it, and the median of those ratios is reported.
 
 Configurations, on the same frames (``--source``, default the bundled bikes.mp4, unpaced:
-``--source-fps 0``) and model (EfficientNet-Lite0, ONNX Runtime, 1 thread):
+``--source-fps 0``) and model (EfficientNet-Lite0, ONNX Runtime, 1 thread; ``BENCH_THREADS=0``
+(environment) for the product's default, one per core):
 
 - model-only: read the source, preprocess, infer, parse in a plain loop (a worker process);
 - dashboard: ``python -m app`` with everything on, as installed (defaults): ``--viewers`` MJPEG
@@ -513,7 +514,8 @@ def main() -> int:
     clients = "" if args.clients_cpu == "off" else f", clients on CPU {args.clients_cpu}"
     print(f"overhead: source {Path(source).name} unpaced, {args.viewers} viewers at ?res=720p, "
           f"{args.cycles} cycles of {args.slice:g} s slices (+{args.settle:g} s settle)"
-          f"{clients}; {machine()}", flush=True)
+          f"{clients}{'' if THREADS == '1' else f', ONNX Runtime threads {THREADS}'}; {machine()}",
+          flush=True)
     configs = run(args)
     report(configs, args)
     if not args.no_contention:

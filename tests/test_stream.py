@@ -368,3 +368,53 @@ def test_a_lagging_encoder_skips_to_the_newest_frame() -> None:
 
     assert asyncio.run(scenario()) == [1, 4, 4, 4]  # frames 2 and 3 were never encoded
     assert hub.encodes["native"] == 2
+
+
+def test_encode_starts_at_publish_for_uncapped_viewers_only() -> None:
+    """An uncapped viewer wants every frame: its encode starts at publish, and asking joins it."""
+    import asyncio
+
+    from app.broadcast import Broadcaster
+    from inference.hub import FrameHub
+    from inference.result import Result
+
+    hub = FrameHub()
+    image = np.zeros((16, 16, 3), np.uint8)
+
+    def publish(seq: int) -> None:
+        hub.publish(image, Result(seq, time.time(), None, (16, 16)))
+
+    async def encodes_after_publish(seq: int) -> int:
+        threading.Thread(target=publish, args=(seq,)).start()
+        for _ in range(100):  # bounded: 2 s
+            await asyncio.sleep(0.02)
+            if hub.encodes["native"]:
+                break
+        await asyncio.sleep(0.1)
+        return hub.encodes["native"]
+
+    async def scenario() -> tuple[int, int, int, int]:
+        broadcaster = Broadcaster(hub, asyncio.get_running_loop())
+        broadcaster.attach()
+        try:
+            viewer = broadcaster.add_viewer("a", "native", None, 10)
+            assert viewer is not None
+            prefetched = await encodes_after_publish(1)
+            item = hub.latest()
+            assert item is not None
+            frame = await asyncio.wait_for(broadcaster.frame(item, "native"), 5)
+            assert frame.seq == 1
+            after_ask = hub.encodes["native"]
+            broadcaster.remove_viewer(viewer)
+            assert broadcaster.add_viewer("b", "native", 5.0, 10) is not None  # capped at 5 fps
+            capped = await encodes_after_publish(2) - after_ask
+            return prefetched, after_ask, capped, broadcaster.encoder_counts["prefetched"]
+        finally:
+            broadcaster.close()
+            broadcaster.detach()
+
+    prefetched, after_ask, capped, counted = asyncio.run(scenario())
+    assert prefetched == 1, "the encode started before anyone asked"
+    assert after_ask == 1, "asking for the frame joined the prefetched encode"
+    assert capped == 0, "a capped viewer's frames are encoded only when it asks"
+    assert counted == 1
