@@ -82,6 +82,20 @@ def parse_loop_cpu(value: object) -> str:
     return str(cpu)
 
 
+def auto_threads(mode: str, cpus: frozenset[int] | None) -> int:
+    """ONNX Runtime intra-op threads for ``--threads 0`` under ``--loop-cpu mode``.
+
+    One CPU is left to the serving side: on 2 CPUs the model gets one thread, which ``auto``
+    then isolates. ONNX Runtime's own default (one thread per core) with the loop pinned or with
+    anything else running measured at x0.39-0.72 of the model alone (bench/README.md fix 13): its
+    threads wait for each other, so one of them preempted stalls them all. 0 (ONNX Runtime's
+    default) with ``--loop-cpu off`` or a single CPU, as before.
+    """
+    if mode == "off" or not cpus or len(cpus) < 2:
+        return 0
+    return len(cpus) - 1
+
+
 def choose_cpu(mode: str, cpus: frozenset[int] | None, gpu_model: bool = False) -> int | None:
     """The CPU the loop gets to itself under ``mode``, or None for no isolation.
 

@@ -60,6 +60,25 @@ def test_choose_cpu() -> None:
     assert choose_cpu("1", two, gpu_model=True) == 1  # asked for explicitly: done anyway
 
 
+def test_auto_threads_leave_one_cpu_to_serving() -> None:
+    assert affinity.auto_threads("auto", frozenset({0, 1})) == 1  # then isolated by auto
+    assert affinity.auto_threads("auto", frozenset({0, 1, 2, 3})) == 3
+    assert affinity.auto_threads("1", frozenset({0, 1})) == 1
+    assert affinity.auto_threads("off", frozenset({0, 1})) == 0  # ONNX Runtime's own default
+    assert affinity.auto_threads("auto", frozenset({0})) == 0
+    assert affinity.auto_threads("auto", None) == 0
+
+
+def test_the_default_model_gets_the_auto_thread_count() -> None:
+    from inference.models import load_model
+
+    expected = affinity.auto_threads("auto", CPUS)
+    model = load_model(Settings(model="efficientnet-lite0"))
+    assert getattr(model, "intra_op_threads", None) == expected
+    assert getattr(load_model(Settings(model="efficientnet-lite0", threads=3)),
+                   "intra_op_threads", None) == 3
+
+
 def test_loop_cpu_values_are_checked_against_this_machine() -> None:
     assert parse_loop_cpu(" Auto ") == "auto"
     assert parse_loop_cpu("off") == "off"
@@ -461,3 +480,16 @@ def test_nothing_is_held_back_at_stop() -> None:
     loop.stop()
     assert loop.hub.seq == loop.stats.frames
     loop.close()
+
+
+class ThreadedModel(TinyModel):
+    intra_op_threads = 2
+
+
+def test_auto_does_not_pin_a_loop_whose_model_runs_several_threads(run_loop: Any) -> None:
+    if CPUS is None or len(CPUS) < 2:
+        pytest.skip("one CPU: the loop is never isolated, which test_the_loop_keeps_a_cpu asserts")
+    assert run_loop(Settings(source="x"), ThreadedSource(), ThreadedModel()).isolation is None
+    asked = str(max(CPUS))  # asked for by number: done anyway
+    assert run_loop(Settings(source="x", loop_cpu=asked), ThreadedSource(),
+                    ThreadedModel()).isolation is not None

@@ -88,13 +88,14 @@ def _labels(settings: Settings, fallback: Mapping[int, str]) -> dict[int, str]:
 
 def load_model(settings: Settings) -> Model:
     """Build the model ``settings.model`` names. Raises ModelError naming the path or name."""
+    from inference.affinity import auto_threads, available_cpus
     from inference.models.labels import builtin_labels
     from inference.models.onnx import OnnxModel
     from inference.models.preprocess import Preprocess
 
     name = settings.model or default_model()
     name = ALIASES.get(name, name)
-    threads = settings.threads
+    threads = settings.threads or auto_threads(settings.loop_cpu, available_cpus())
 
     pre: Any
     if name in ("efficientnet-lite0", "catdog"):

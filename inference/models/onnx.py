@@ -96,6 +96,7 @@ class OnnxModel:
         backend: str = "onnxruntime",
     ) -> None:
         self._session = make_session(model, threads)
+        self.intra_op_threads = threads  # 0: ONNX Runtime's default, one per core
         inputs = self._session.get_inputs()
         if len(inputs) != 1:
             raise ModelError(f"model {name}: expected one input, found {len(inputs)}")
