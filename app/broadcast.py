@@ -159,7 +159,6 @@ class Encoder:
         self.nice = nice  # added to each encoder thread's nice value (--serving-nice)
         self.thread_nice: dict[str, int | None] = {}
         self.coalesced = 0  # requests answered by a newer frame's encode
-        self.prefetched = 0  # encodes started at publish, before a viewer asked
         self._lock = threading.Lock()
         self._pending: dict[str, _Pending] = {}
         self._jobs: queue.SimpleQueue[str | None] = queue.SimpleQueue()
@@ -185,17 +184,6 @@ class Encoder:
                 pending.waiters.append((loop, future))
                 self.coalesced += 1
         return future
-
-    def prefetch(self, item: Published, res: str) -> None:
-        """Start encoding ``item`` at ``res`` before anyone asks: the viewers who then ask join it."""
-        with self._lock:
-            pending = self._pending.get(res)
-            if pending is None:
-                self._pending[res] = _Pending(item, [])
-                self._jobs.put(res)
-                self.prefetched += 1
-            elif item.seq > pending.item.seq:
-                pending.item = item
 
     def _run(self) -> None:
         self.thread_nice[threading.current_thread().name] = serving_thread(self.nice)
@@ -308,9 +296,6 @@ class Broadcaster:
         self._ids = itertools.count(1)
         self.viewers: dict[int, Viewer] = {}
         self.subscribers: dict[int, Viewer] = {}
-        # Resolutions that uncapped MJPEG viewers watch, with how many: each wants every frame, so
-        # its encode starts at publish (see _listener).
-        self._every_frame: collections.Counter[str] = collections.Counter()
         self.publish_rate = _Rate()
         self.delivered = _Rate(maxlen=65536)
         self.frames_sent = 0
@@ -340,13 +325,6 @@ class Broadcaster:
         return self._closed
 
     @property
-    def encoder_counts(self) -> dict[str, int]:
-        encoder = self._encoder
-        if encoder is None:
-            return {"prefetched": 0, "coalesced": 0}
-        return {"prefetched": encoder.prefetched, "coalesced": encoder.coalesced}
-
-    @property
     def encoder_nice(self) -> dict[str, int | None]:
         return dict(self._encoder.thread_nice) if self._encoder is not None else {}
 
@@ -354,8 +332,6 @@ class Broadcaster:
         # The inference thread calls this after each publish: hand off, never block it.
         if seq >= 0:
             self.publish_rate.add(time.monotonic())
-            if self._every_frame:
-                self._prefetch(seq)
             if not self._waiting:
                 # Nobody is waiting for a frame: waking the event loop thread would cost a
                 # self-pipe write, an epoll round and a new Event per frame for nothing. A waiter
@@ -365,22 +341,6 @@ class Broadcaster:
             self._loop.call_soon_threadsafe(self._wake)
         except RuntimeError:
             pass  # the event loop is gone: the server has stopped and nobody is watching
-
-    def _prefetch(self, seq: int) -> None:
-        """Start this frame's encodes now, for the resolutions someone watches every frame of.
-
-        Otherwise the encode would start only once the event loop has run and a viewer has asked:
-        a hop on the event loop thread, which the viewers' own sockets keep busy, before the
-        encoder even wakes. The viewers who ask join the encode in flight (or find it done in the
-        hub's cache), so this adds no encode; a resolution watched only by ``?fps=``-capped
-        viewers is not prefetched, since they skip most frames.
-        """
-        item, encoder = self.hub.latest(), self._encoder
-        if item is None or item.seq != seq or encoder is None:
-            return
-        # tuple(): a snapshot, as the event loop adds and removes viewers meanwhile.
-        for res in {effective_res(item, res) for res in tuple(self._every_frame)}:
-            encoder.prefetch(item, res)
 
     def _wake(self) -> None:
         event, self._event = self._event, asyncio.Event()
@@ -450,8 +410,6 @@ class Broadcaster:
             return None
         viewer = Viewer(next(self._ids), client, res, fps_cap, kind)
         table[viewer.id] = viewer
-        if kind == "mjpeg" and fps_cap is None:
-            self._every_frame[res] += 1
         log.debug("%s viewer %d from %s joined (%d now)", kind, viewer.id, client, len(table))
         return viewer
 
@@ -460,10 +418,6 @@ class Broadcaster:
         if table.pop(viewer.id, None) is not None:
             if viewer.kind == "mjpeg":
                 self.frames_skipped += viewer.skipped
-                if viewer.fps_cap is None:
-                    self._every_frame[viewer.res] -= 1
-                    if self._every_frame[viewer.res] <= 0:
-                        del self._every_frame[viewer.res]
             log.debug("%s viewer %d left after %d frames", viewer.kind, viewer.id, viewer.sent)
             if not self.viewers and not self.subscribers:
                 release_memory()

@@ -87,7 +87,7 @@ def auto_threads(mode: str, cpus: frozenset[int] | None) -> int:
 
     One CPU is left to the serving side: on 2 CPUs the model gets one thread, which ``auto``
     then isolates. ONNX Runtime's own default (one thread per core) with the loop pinned or with
-    anything else running measured at x0.39-0.72 of the model alone (bench/README.md fix 13): its
+    anything else running measured at x0.39-0.72 of the model alone (bench/README.md fix 12): its
     threads wait for each other, so one of them preempted stalls them all. 0 (ONNX Runtime's
     default) with ``--loop-cpu off`` or a single CPU, as before.
     """

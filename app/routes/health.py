@@ -126,8 +126,6 @@ def stats_report(runtime: Runtime, broadcaster: Broadcaster | None) -> dict[str,
             "encodes": encodes,
             "encodes_total": total,
             "encode_ms_avg": round(hub.encode_seconds * 1000 / total, 3) if total else 0.0,
-            # started at publish for uncapped viewers / requests answered by a newer frame's encode
-            **(broadcaster.encoder_counts if broadcaster else {"prefetched": 0, "coalesced": 0}),
         },
         "frames_sent": broadcaster.frames_sent if broadcaster else 0,
         "frames_skipped": broadcaster.skipped_total if broadcaster else 0,
