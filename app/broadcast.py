@@ -73,12 +73,16 @@ def _settle(future: asyncio.Future[T], result: T | None, error: BaseException | 
         future.set_result(result)  # type: ignore[arg-type]
 
 
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: Any) -> None:
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        pass  # the event loop has closed: nobody awaits its futures any more
+
+
 def _post(loop: asyncio.AbstractEventLoop, future: asyncio.Future[T], result: T | None,
           error: BaseException | None) -> None:
-    try:
-        loop.call_soon_threadsafe(_settle, future, result, error)
-    except RuntimeError:
-        pass  # the event loop has closed: nobody awaits this any more
+    _call_soon(loop, _settle, future, result, error)
 
 
 def release_memory() -> None:
@@ -103,13 +107,13 @@ def _post_all(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[T]]]
     for loop, future in waiters:
         by_loop.setdefault(loop, []).append(future)
     for loop, futures in by_loop.items():
-        def settle_all(futures: list[asyncio.Future[T]] = futures) -> None:
-            for future in futures:
-                _settle(future, result, error)
-        try:
-            loop.call_soon_threadsafe(settle_all)
-        except RuntimeError:
-            pass  # the event loop has closed: nobody awaits these any more
+        _call_soon(loop, _settle_all, futures, result, error)
+
+
+def _settle_all(futures: list[asyncio.Future[T]], result: T | None,
+                error: BaseException | None) -> None:
+    for future in futures:
+        _settle(future, result, error)
 
 
 async def call_in_thread(name: str, fn: Callable[..., T], *args: Any) -> T:
@@ -323,6 +327,11 @@ class Broadcaster:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    @property
+    def coalesced(self) -> int:
+        """Encode requests answered by a newer frame's encode: the encoders were behind."""
+        return self._encoder.coalesced if self._encoder is not None else 0
 
     @property
     def encoder_nice(self) -> dict[str, int | None]:

@@ -35,9 +35,10 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 MODEL = "efficientnet-lite0"
-# ONNX Runtime intra-op threads: on 2 shared cores, 1 thread is faster than 2. BENCH_THREADS=0
-# runs every configuration (server, model-only, the seed) with the product's default instead; an
-# environment variable so that the worker processes see it too.
+# ONNX Runtime intra-op threads: on 2 shared cores, 1 thread is faster than 2. BENCH_THREADS=N
+# runs every configuration (server, model-only, the seed) with N instead (0: the product's auto
+# rule, which is 1 on 2 CPUs; 2 reproduces bench/README fix 12's run); an environment variable
+# so that the worker processes see it too.
 THREADS = str(int(os.environ.get("BENCH_THREADS", "1")))
 SYNTHETIC_720P = "synthetic:1280x720@30"
 _SEQ = re.compile(rb"X-Frame-Seq: (\d+)")

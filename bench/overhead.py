@@ -13,8 +13,8 @@ configuration's slice is divided by the mean of the model-only slices just befor
 it, and the median of those ratios is reported.
 
 Configurations, on the same frames (``--source``, default the bundled bikes.mp4, unpaced:
-``--source-fps 0``) and model (EfficientNet-Lite0, ONNX Runtime, 1 thread; ``BENCH_THREADS=0``
-(environment) for the product's default, one per core):
+``--source-fps 0``) and model (EfficientNet-Lite0, ONNX Runtime, 1 thread; ``BENCH_THREADS=N``
+in the environment for N threads, 0 for the product's auto rule):
 
 - model-only: read the source, preprocess, infer, parse in a plain loop (a worker process);
 - dashboard: ``python -m app`` with everything on, as installed (defaults): ``--viewers`` MJPEG

@@ -89,10 +89,13 @@ def auto_threads(mode: str, cpus: frozenset[int] | None) -> int:
     then isolates. ONNX Runtime's own default (one thread per core) with the loop pinned or with
     anything else running measured at x0.39-0.72 of the model alone (bench/README.md fix 12): its
     threads wait for each other, so one of them preempted stalls them all. 0 (ONNX Runtime's
-    default) with ``--loop-cpu off`` or a single CPU, as before.
+    default) with ``--loop-cpu off`` or a single CPU, as before; 1 with ``--loop-cpu N``, which
+    pins the loop whatever the thread count.
     """
     if mode == "off" or not cpus or len(cpus) < 2:
         return 0
+    if mode != "auto":
+        return 1  # the loop is pinned to the CPU asked for: a pool would share it (see above)
     return len(cpus) - 1
 
 

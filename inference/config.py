@@ -317,8 +317,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("mo_aux", parse_json_object, "mo.optimize aux_inputs as JSON, e.g. "
            "'{\"--epoch\": 0, \"--precision\": \"FP16\"}'", metavar="JSON"),
     Option("threads", _int_range(0, 64), "ONNX Runtime intra-op threads (0 = auto: one CPU "
-           "left to serving, so 1 on 2 CPUs, which --loop-cpu auto then isolates; with "
-           "--loop-cpu off, one per core); with more than 1, --loop-cpu auto does not pin"),
+           "left to serving, so 1 on 2 CPUs, which --loop-cpu auto then isolates; 1 with "
+           "--loop-cpu N; one per core with --loop-cpu off); with more than 1, --loop-cpu auto "
+           "does not pin"),
     Option("loop_cpu", parse_loop_cpu, "CPU the inference loop keeps to itself, the process's "
            "other threads kept off it: auto (the last CPU, with 2 or more CPUs and a model on the "
            "CPU), off, or a CPU number", metavar="auto|off|N"),

@@ -64,6 +64,7 @@ def test_auto_threads_leave_one_cpu_to_serving() -> None:
     assert affinity.auto_threads("auto", frozenset({0, 1})) == 1  # then isolated by auto
     assert affinity.auto_threads("auto", frozenset({0, 1, 2, 3})) == 3
     assert affinity.auto_threads("1", frozenset({0, 1})) == 1
+    assert affinity.auto_threads("3", frozenset({0, 1, 2, 3})) == 1  # pinned by number: one CPU
     assert affinity.auto_threads("off", frozenset({0, 1})) == 0  # ONNX Runtime's own default
     assert affinity.auto_threads("auto", frozenset({0})) == 0
     assert affinity.auto_threads("auto", None) == 0

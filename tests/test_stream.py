@@ -343,10 +343,11 @@ def test_a_lagging_encoder_skips_to_the_newest_frame() -> None:
     from inference.result import Result
 
     hub = FrameHub()
-    release = threading.Event()
+    rendering, release = threading.Event(), threading.Event()
     image = np.zeros((16, 16, 3), np.uint8)
 
     def slow_render(raw: np.ndarray) -> np.ndarray:
+        rendering.set()
         release.wait(5)  # the encoder is busy with frame 1 while 2, 3 and 4 are asked for
         return raw
 
@@ -355,7 +356,8 @@ def test_a_lagging_encoder_skips_to_the_newest_frame() -> None:
         try:
             hub.publish(image, Result(1, time.time(), None, (16, 16)), render=slow_render)
             futures = [encoder.submit(hub.latest(), "native")]  # type: ignore[arg-type]
-            await asyncio.sleep(0.1)
+            # Off the event loop: the encoder's result is posted back to it.
+            assert await asyncio.to_thread(rendering.wait, 5), "the encoder never started"
             for seq in (2, 3, 4):
                 hub.publish(image, Result(seq, time.time(), None, (16, 16)))
                 futures.append(encoder.submit(hub.latest(), "native"))  # type: ignore[arg-type]
