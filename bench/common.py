@@ -40,6 +40,14 @@ MODEL = "efficientnet-lite0"
 # rule, which is 1 on 2 CPUs; 2 reproduces bench/README fix 12's run); an environment variable
 # so that the worker processes see it too.
 THREADS = str(int(os.environ.get("BENCH_THREADS", "1")))
+
+def _default_top_k() -> int:
+    from inference.config import Settings
+
+    return Settings().top_k
+
+
+TOP_K = _default_top_k()  # the dashboard's default --top-k, which every benchmark's server runs
 SYNTHETIC_720P = "synthetic:1280x720@30"
 _SEQ = re.compile(rb"X-Frame-Seq: (\d+)")
 _TS = re.compile(rb"X-Timestamp: ([0-9.]+)")
@@ -482,10 +490,18 @@ def loop_breakdown(s0: tuple[float, float], s1: tuple[float, float], frames: int
             "loop_sleep_ms": max(0.0, frame - cpu - runq)}
 
 
+def model_step(model: Any, frame: Any) -> Any:
+    """One frame of the model's own work, as the dashboard's loop does it: preprocess, infer and
+    the parse cut to the dashboard's top-k (``parse_first``: only those entries are built)."""
+    from inference.models.parse import parse_first
+
+    return parse_first(model, model.infer(model.preprocess(frame)), TOP_K)
+
+
 def model_only_worker(source: str, source_fps: float | None, warmup: float,
                       window: float) -> dict[str, float]:
-    """Read the source, preprocess, infer and parse in a plain loop: the model's own pace on the
-    same frames, with nothing else. Returns fps and this process's CPU % over the window."""
+    """Read the source, preprocess, infer and parse (``model_step``) in a plain loop: the model's
+    own pace on the same frames, with nothing else. Returns fps and this process's CPU % over the window."""
     from inference.config import Settings
     from inference.models import load_model
     from inference.sources import make_source
@@ -499,7 +515,7 @@ def model_only_worker(source: str, source_fps: float | None, warmup: float,
         while time.monotonic() < end_warm:
             frame = src.read()
             if frame is not None:
-                model.parse(model.infer(model.preprocess(frame)))
+                model_step(model, frame)
         tid = threading.get_native_id()
         cpu0, t0, frames = sum(me.cpu_times()[:2]), time.monotonic(), 0
         sched0 = thread_sched(os.getpid(), tid)
@@ -509,7 +525,7 @@ def model_only_worker(source: str, source_fps: float | None, warmup: float,
             if frame is None:
                 continue
             started = time.perf_counter()
-            model.parse(model.infer(model.preprocess(frame)))
+            model_step(model, frame)
             pipeline_ms.append((time.perf_counter() - started) * 1000.0)
             frames += 1
         elapsed = time.monotonic() - t0

@@ -76,6 +76,7 @@ from bench.common import (  # noqa: E402
     machine,
     machine_ticks,
     median,
+    model_step,
     mosquitto,
     poll_results_process,
     sse_process,
@@ -106,7 +107,7 @@ def model_only_forever(source: str, counter: Any, pin: bool = False) -> None:
         while True:
             frame = src.read()
             if frame is not None:
-                model.parse(model.infer(model.preprocess(frame)))
+                model_step(model, frame)
                 counter.value += 1
     finally:
         src.close()
@@ -324,10 +325,10 @@ def probe_worker(source: str, seconds: float) -> float:
     finally:
         src.close()
     for _ in range(10):
-        model.parse(model.infer(model.preprocess(frame)))
+        model_step(model, frame)
     t0, n = time.monotonic(), 0
     while time.monotonic() - t0 < seconds:
-        model.parse(model.infer(model.preprocess(frame)))
+        model_step(model, frame)
         n += 1
     return n / (time.monotonic() - t0)
 

@@ -30,7 +30,7 @@ from inference.affinity import CpuIsolation, available_cpus, choose_cpu, unconfi
 from inference.config import Settings
 from inference.hub import FrameHub, Render, target_size
 from inference.logutil import RateLimitedLog
-from inference.models.parse import select
+from inference.models.parse import parse_first, select
 from inference.result import STAGES, Item, Result
 from inference.types import FrameSource, Image, Model
 
@@ -377,7 +377,7 @@ class InferenceLoop:
                 self._flush_pending()  # the previous frame's consumers run while we infer
                 raw = model.infer(inputs)
                 t2 = time.perf_counter()
-                parsed = model.parse(raw)
+                parsed = parse_first(model, raw, settings.top_k)
                 items = select(parsed, model.info, settings.top_k, settings.threshold, (w, h))
                 t3 = time.perf_counter()
                 timings.update(

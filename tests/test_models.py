@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from inference.config import Settings
-from inference.models import load_model
-from inference.models.parse import select
+from inference.models import load_model, parse
+from inference.models.parse import parse_first, select
 from inference.types import ModelError
 from tests import onnx_graphs
 
@@ -41,6 +41,37 @@ def test_efficientnet_classifies_chelsea_as_a_cat(chelsea_bgr: np.ndarray) -> No
     assert len(items) == 3
     assert {i.name for i in items} & CATS
     assert items[0].name in ("tiger cat", "Egyptian cat")
+
+
+def test_the_loops_parse_is_the_head_of_the_full_one(chelsea_bgr: np.ndarray) -> None:
+    # The loop keeps only the first top_k entries and builds only those: they must be the very
+    # entries, in the very order, of the device form's list.
+    model = load_model(Settings(model="efficientnet-lite0"))
+    raw = model.infer(model.preprocess(chelsea_bgr))
+    full = model.parse(raw)["classification"]
+    for k in (1, 5, 999, 1000, 5000):
+        assert parse_first(model, raw, k) == {"classification": full[:k]}
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 6, 7])
+def test_a_partial_classification_parse_breaks_ties_as_the_full_sort(k: int) -> None:
+    # Ties straddle the cut: a stable sort puts the lower label first, and so must the head.
+    probs = np.array([0.1, 0.3, 0.1, 0.3, 0.0, 0.1, 0.3, -0.0], np.float32)
+    full = parse.classification(probs)["classification"]
+    assert parse.classification(probs, k)["classification"] == full[:k]
+    rng = np.random.default_rng(k)
+    many = rng.integers(0, 4, 1000).astype(np.float32)  # mostly ties
+    assert parse.classification(many, k * 7) == {
+        "classification": parse.classification(many)["classification"][: k * 7]}
+
+
+def test_a_model_without_parse_top_is_cut_after_its_own_parse() -> None:
+    class DeviceLike:
+        def parse(self, raw):  # type: ignore[no-untyped-def]
+            return {"classification": [{"label": i, "prob": 1.0 / (i + 1)} for i in range(10)]}
+
+    parsed = parse_first(DeviceLike(), {}, 3)  # type: ignore[arg-type]
+    assert parsed == {"classification": [{"label": i, "prob": 1.0 / (i + 1)} for i in range(3)]}
 
 
 def test_catdog_is_the_seed_binary_classifier(chelsea_bgr: np.ndarray) -> None:

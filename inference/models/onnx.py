@@ -16,6 +16,7 @@ from inference.types import Image, ModelError, ModelInfo, ModelType, Parsed, Raw
 log = logging.getLogger(__name__)
 
 Parser = Callable[[RawOutputs], Parsed]
+TopParser = Callable[[RawOutputs, int], Parsed]
 
 
 def make_session(model: bytes | str | Path, threads: int = 0) -> Any:
@@ -49,10 +50,19 @@ def static_input_size(session: Any) -> tuple[int, int] | None:
     return None
 
 
+def _class_probabilities(raw: RawOutputs) -> Any:
+    out = next(iter(raw.values())).reshape(-1)
+    return out if parse.looks_like_probabilities(out) else parse.softmax(out)
+
+
+def classification_top(raw: RawOutputs, limit: int) -> Parsed:
+    """The default classification parse, its first ``limit`` entries only (see parse_top)."""
+    return parse.classification(_class_probabilities(raw), limit)
+
+
 def default_parser(model_type: ModelType, width: int, height: int) -> Parser:
     def parse_classification(raw: RawOutputs) -> Parsed:
-        out = next(iter(raw.values())).reshape(-1)
-        return parse.classification(out if parse.looks_like_probabilities(out) else parse.softmax(out))
+        return parse.classification(_class_probabilities(raw))
 
     def parse_ssd(raw: RawOutputs) -> Parsed:
         arrays = list(raw.values())
@@ -112,6 +122,9 @@ class OnnxModel:
             preprocess = Preprocess(width, height, layout=layout)  # type: ignore[arg-type]
         self._preprocess = preprocess
         self._parser = parser or default_parser(model_type, width, height)
+        self._top_parser: TopParser | None = (
+            classification_top if parser is None and model_type == "classification" else None
+        )
         self.info = ModelInfo(name, model_type, width, height, backend, dict(labels))
 
     @property
@@ -127,6 +140,12 @@ class OnnxModel:
 
     def parse(self, raw: RawOutputs) -> Parsed:
         return self._parser(raw)
+
+    def parse_top(self, raw: RawOutputs, limit: int) -> Parsed:
+        """``parse`` with each list cut to its first ``limit`` entries, as the loop keeps it."""
+        if self._top_parser is not None:
+            return self._top_parser(raw, limit)
+        return parse.truncate(self._parser(raw), limit)
 
     def close(self) -> None:
         self._session = None

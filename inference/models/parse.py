@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from inference.result import Item
-from inference.types import ModelInfo, Parsed
+from inference.types import Model, ModelInfo, Parsed, RawOutputs
 
 
 def softmax(x: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
@@ -24,14 +24,46 @@ def looks_like_probabilities(x: npt.NDArray[Any]) -> bool:
     return bool(x.min() >= 0.0 and abs(float(x.sum()) - 1.0) < 1e-2)
 
 
-def classification(probs: npt.NDArray[Any]) -> Parsed:
-    """``{'classification': [{'label': int, 'prob': float}, ...]}`` sorted by prob, descending."""
+def classification(probs: npt.NDArray[Any], limit: int | None = None) -> Parsed:
+    """``{'classification': [{'label': int, 'prob': float}, ...]}`` sorted by prob, descending.
+
+    With ``limit``, the first ``limit`` entries of that same list (same entries, same order, ties
+    by lower label first), built without the other ~1000 dicts: 12 us instead of ~180 us here,
+    Python time the loop holds the GIL for on every frame."""
     flat = np.asarray(probs, dtype=np.float32).reshape(-1)
     if not np.all(np.isfinite(flat)):
         raise ValueError("classification output holds NaN or infinity")
-    order = np.argsort(-flat, kind="stable")
+    if limit is not None and 0 < limit < flat.size:
+        order = _top_order(flat, limit)
+    else:
+        order = np.argsort(-flat, kind="stable")
     values = flat[order].tolist()
     return {"classification": [{"label": i, "prob": p} for i, p in zip(order.tolist(), values)]}
+
+
+def _top_order(flat: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.intp]:
+    """The first ``k`` indices of ``np.argsort(-flat, kind="stable")``, without sorting it all."""
+    kth = np.partition(flat, flat.size - k)[flat.size - k]  # the k-th largest value
+    above = np.flatnonzero(flat > kth)
+    tied = np.flatnonzero(flat == kth)[: k - above.size]  # a stable sort keeps lower ids first
+    idx = np.concatenate([above, tied])
+    order: npt.NDArray[np.intp] = idx[np.lexsort((idx, -flat[idx]))]
+    return order
+
+
+def parse_first(model: Model, raw: RawOutputs, limit: int) -> Parsed:
+    """``model.parse(raw)`` with each list cut to its first ``limit`` entries: all the loop keeps
+    (the seed keeps ``[0:num_top_k]`` of it too). A model with ``parse_top`` builds only those."""
+    parse_top = getattr(model, "parse_top", None)
+    if parse_top is not None:
+        parsed: Parsed = parse_top(raw, limit)
+        return parsed
+    return truncate(model.parse(raw), limit)
+
+
+def truncate(parsed: Parsed, limit: int) -> Parsed:
+    """Each list of a parse cut to its first ``limit`` entries (the seed's ``[0:num_top_k]``)."""
+    return {k: v[:limit] if isinstance(v, list) else v for k, v in parsed.items()}
 
 
 def ssd_from_rows(
