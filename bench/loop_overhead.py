@@ -2,7 +2,8 @@
 
     python bench/loop_overhead.py [--frames 300] [--repeats 5] [--threads 1]
 
-model-only: preprocess -> infer -> parse (cut to top-k, as the loop) on pre-decoded frames in a plain for loop.
+model-only: preprocess -> infer -> parse (cut to top-k, as the loop does) on pre-decoded frames in
+            a plain for loop.
 loop:       the InferenceLoop thread on the same pre-decoded frames (capture, preprocess, infer,
             parse, top-k/threshold, hub publish), with one consumer (this script's main thread,
             standing for a viewer's encoder) taking every frame's image, so the display resize

@@ -28,7 +28,12 @@ in the environment for N threads, 0 for the product's auto rule):
   every frame, a FIFO thread rewriting the JPEG in a busy loop (same ffmpeg reader), a
   synchronous publish to the same mosquitto per inference;
 - model-only, pinned: the model-only loop with its thread pinned where the dashboard pins its
-  loop, to show how much of the dashboard's figure is pinning itself rather than cheap outputs.
+  loop, to show how much of the dashboard's figure is pinning itself rather than cheap outputs;
+- model-only, pinned, beside the serving work: the same worker running while, in another process
+  confined to the other CPU(s), a serving-only dashboard does the dashboard's serving: the same
+  outputs and clients, a trivial model (5 classes, 32x32) and the source paced at 0.95 x the
+  model-only fps measured at the start. The machine's own bound: what the serving work costs the
+  model when it shares neither a process nor a GIL with it.
 
 The clients run on this machine, where on a device they would be browsers and subscribers on
 other machines; ``--clients-cpu N`` keeps them all (viewers, SSE/poll, ffmpeg, mosquitto) on CPU N,
@@ -131,10 +136,17 @@ class Config:
     viewers: list[dict[str, Any]] = field(default_factory=list)
     side: list[dict[str, Any]] = field(default_factory=list)
 
+    # Processes that run and stop with this one (beside-serving: the serving-only dashboard).
+    companion: Server | None = None
+
     def stop(self) -> None:
         os.kill(self.pid, signal.SIGSTOP)
+        if self.companion is not None:
+            os.kill(self.companion.pid, signal.SIGSTOP)
 
     def cont(self) -> None:
+        if self.companion is not None:
+            os.kill(self.companion.pid, signal.SIGCONT)
         os.kill(self.pid, signal.SIGCONT)
 
 
@@ -170,12 +182,14 @@ def measure(config: Config, seconds: float) -> dict[str, float]:
         s0 = server.stats()
         tid = s0["loop_thread_id"]
     f0 = int(s0["frames"]) if s0 else config.frames()
+    companion0 = config.companion.stats() if config.companion is not None else {}
     c0, k0 = cpu_seconds(config.pid), clients_cpu(config.clients)
     l0 = thread_sched(config.pid, tid) if tid else (0.0, 0.0)
     m0, w0 = machine_ticks(), time.monotonic()
     time.sleep(seconds)
     s1: dict[str, Any] = server.stats() if server is not None else {}
     f1 = int(s1["frames"]) if s1 else config.frames()
+    companion1 = config.companion.stats() if config.companion is not None else {}
     c1, k1 = cpu_seconds(config.pid), clients_cpu(config.clients)
     l1 = thread_sched(config.pid, tid) if tid else (0.0, 0.0)
     m1, w1 = machine_ticks(), time.monotonic()
@@ -189,18 +203,28 @@ def measure(config: Config, seconds: float) -> dict[str, float]:
         / max(1, m1[1] - m0[1]),
         "seconds": elapsed,
     }
+    if companion1:
+        out.update(serving_fps=(companion1["frames"] - companion0["frames"]) / elapsed,
+                   **delivered(companion0, companion1, elapsed))
     if s1 and tid:
         cpu, runq = (l1[0] - l0[0]) * 1000 / frames, (l1[1] - l0[1]) * 1000 / frames
         out.update(
             loop_frame_ms=elapsed * 1000 / frames, loop_cpu_ms=cpu, loop_runq_ms=runq,
             loop_sleep_ms=max(0.0, elapsed * 1000 / frames - cpu - runq),
-            encodes_per_s=(s1["jpeg"]["encodes_total"] - s0["jpeg"]["encodes_total"]) / elapsed,
-            sent_per_s=(s1["frames_sent"] - s0["frames_sent"]) / elapsed,
-            fifo_fps=(_output(s1, "fifo", "frames_written")
-                      - _output(s0, "fifo", "frames_written")) / elapsed,
-            mqtt_per_s=(_output(s1, "iot", "sent") - _output(s0, "iot", "sent")) / elapsed,
+            **delivered(s0, s1, elapsed),
         )
     return out
+
+
+def delivered(s0: dict[str, Any], s1: dict[str, Any], elapsed: float) -> dict[str, float]:
+    """What a dashboard's outputs did between two /api/stats readings, per second."""
+    return {
+        "encodes_per_s": (s1["jpeg"]["encodes_total"] - s0["jpeg"]["encodes_total"]) / elapsed,
+        "sent_per_s": (s1["frames_sent"] - s0["frames_sent"]) / elapsed,
+        "fifo_fps": (_output(s1, "fifo", "frames_written")
+                     - _output(s0, "fifo", "frames_written")) / elapsed,
+        "mqtt_per_s": (_output(s1, "iot", "sent") - _output(s0, "iot", "sent")) / elapsed,
+    }
 
 
 @contextlib.contextmanager
@@ -308,7 +332,45 @@ def model_only_config(source: str, pin: bool = False) -> Iterator[Config]:
         proc.join(10)
 
 
-# -- the machine's own bound: the model beside a busy, unrelated process --------------------------
+# -- the machine's own bound: the model beside the serving work, or a busy unrelated process ------
+def trivial_classifier(path: str) -> None:
+    """A 5-class ONNX classifier on a 32x32 input (mean colour -> linear -> softmax): a loop that
+    costs next to nothing, so a dashboard running it is its serving work alone."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = np.linspace(-1.0, 1.0, 15, dtype=np.float32).reshape(3, 5)
+    graph = helper.make_graph(
+        [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+         helper.make_node("Flatten", ["pooled"], ["flat"]),
+         helper.make_node("MatMul", ["flat", "w"], ["logits"]),
+         helper.make_node("Softmax", ["logits"], ["probs"], axis=1)],
+        "trivial", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, 5])],
+        initializer=[numpy_helper.from_array(weights, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    onnx.save(model, path)
+
+
+def serving_cpus() -> set[int]:
+    """The CPUs the dashboard keeps its serving threads on (all but the loop's)."""
+    from inference.affinity import available_cpus, choose_cpu
+
+    cpus = available_cpus() or set(os.sched_getaffinity(0))
+    loop_cpu = choose_cpu("auto", cpus)
+    return (cpus - {loop_cpu}) or cpus
+
+
+def confine_process(pid: int, cpus: set[int]) -> None:
+    """Every thread of ``pid`` on ``cpus``; threads it starts later inherit that."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(int(tid), cpus)
+
+
 def probe_worker(source: str, seconds: float) -> float:
     """The model alone on one decoded frame, no other thread: fps over ``seconds``."""
     from inference.config import Settings
@@ -367,6 +429,23 @@ def run(args: argparse.Namespace) -> list[Config]:
         confine([mqtt[1]], clients_at)
         model = stack.enter_context(model_only_config(source))
         outputs = f"{args.viewers} viewers, SSE, /results, FIFO, MQTT"
+        # The serving-only dashboard's pace: the rate the target asks of the real one.
+        model.cont()
+        try:
+            time.sleep(args.settle)
+            pace = round(measure(model, 2 * args.slice)["fps"] * TARGET, 1)
+        finally:
+            model.stop()
+        tiny = os.path.join(tmp, "trivial.onnx")
+        trivial_classifier(tiny)
+        serving = stack.enter_context(dashboard_config(
+            "serving", "serving-only dashboard", source, mqtt, tmp, args.viewers, stop_clients,
+            clients_at, "--model", tiny, "--model-type", "classification",
+            "--source-fps", str(pace), "--loop-cpu", "off"))
+        assert serving.server is not None
+        confine_process(serving.pid, serving_cpus())
+        print(f"beside-serving: the serving-only dashboard paced at {pace:g} fps on CPU(s) "
+              f"{','.join(map(str, sorted(serving_cpus())))}", flush=True)
         configs = [
             stack.enter_context(dashboard_config(
                 "dashboard", f"dashboard, everything on ({outputs})", source, mqtt, tmp,
@@ -381,6 +460,11 @@ def run(args: argparse.Namespace) -> list[Config]:
             stack.enter_context(seed_config(source, mqtt, tmp, clients_at)),
             stack.enter_context(model_only_config(source, pin=True)),
         ]
+        pinned = configs[-1]
+        configs.append(Config(
+            "beside-serving", f"model-only, pinned, beside a serving-only dashboard ({outputs}, "
+            f"trivial model, {pace:g} fps, in another process on the other CPU)", pinned.pid,
+            pinned.frames, companion=serving.server))
         def slice_of(config: Config) -> dict[str, float]:
             config.cont()
             try:
@@ -412,7 +496,7 @@ def run(args: argparse.Namespace) -> list[Config]:
                 config.cont()
             model.cont()
             stop_clients.set()
-            for config in configs:
+            for config in [*configs, serving]:
                 if config.client_handles is None:
                     continue
                 procs, out, extra_procs, side = config.client_handles
@@ -420,7 +504,7 @@ def run(args: argparse.Namespace) -> list[Config]:
                 config.side = [side.get(timeout=30) for _ in extra_procs]
                 for p in extra_procs:
                     p.join(10)
-    return [model, *configs]
+    return [model, *configs, serving]
 
 
 def med(config: Config, key: str) -> float:
@@ -428,7 +512,7 @@ def med(config: Config, key: str) -> float:
 
 
 def report(configs: list[Config], args: argparse.Namespace) -> None:
-    model, *others = configs
+    model, *others, serving = configs
     print()
     print("| configuration | loop fps (median) | x model-only (median of slices) | slices "
           "(min..max) | process CPU % | client-side CPU % |")
@@ -476,6 +560,14 @@ def report(configs: list[Config], args: argparse.Namespace) -> None:
                          f"({poll.get('reconnects', 0)} retried on a new connection after the "
                          "server closed an idle keep-alive one)")
         print(f"- {c.key}: " + ", ".join(parts))
+    beside = next(c for c in others if c.key == "beside-serving")
+    active = sum(s["seconds"] for s in beside.slices) + args.settle * len(beside.slices)
+    fps = [v["parts"] / active for v in serving.viewers if v["status"] == 200]
+    print(f"- beside-serving, the serving-only dashboard: published {med(beside, 'serving_fps'):.1f}"
+          f" fps, {len(fps)} viewers: median {median(fps) if fps else 0:.1f} min "
+          f"{min(fps) if fps else 0:.1f} fps (server sent {med(beside, 'sent_per_s'):.0f} parts/s), "
+          f"encodes {med(beside, 'encodes_per_s'):.1f}/s, FIFO {med(beside, 'fifo_fps'):.1f} fps, "
+          f"MQTT {med(beside, 'mqtt_per_s'):.1f}/s")
     print()
     by_key = {c.key: c for c in others}
     ratio = median(by_key["dashboard"].ratios)
@@ -488,6 +580,10 @@ def report(configs: list[Config], args: argparse.Namespace) -> None:
     pinned = median(by_key["model-pinned"].ratios)
     print(f"- pinning alone: model-only with its loop pinned runs at x{pinned:.3f} of model-only; "
           f"the dashboard against that: x{ratio / pinned:.3f}")
+    bound = median(by_key["beside-serving"].ratios)
+    print(f"- the serving work alone: the pinned model beside a serving-only dashboard (same outputs "
+          f"and clients, in another process on the other CPU) runs at x{bound:.3f} of model-only; "
+          f"the dashboard against that: x{ratio / bound:.3f} (what sharing one process costs)")
     print("- client-side CPU = the viewer and SSE/poll client processes and ffmpeg, on this machine "
           "(mosquitto, shared by all, not counted)")
 
