@@ -136,6 +136,7 @@ class Config:
     viewers: list[dict[str, Any]] = field(default_factory=list)
     side: list[dict[str, Any]] = field(default_factory=list)
 
+    loop_is_main_thread: bool = False
     # Processes that run and stop with this one (beside-serving: the serving-only dashboard).
     companion: Server | None = None
 
@@ -181,6 +182,8 @@ def measure(config: Config, seconds: float) -> dict[str, float]:
     if server is not None:
         s0 = server.stats()
         tid = s0["loop_thread_id"]
+    elif config.loop_is_main_thread:
+        tid = config.pid  # a model-only worker's loop is its process's main thread
     f0 = int(s0["frames"]) if s0 else config.frames()
     companion0 = config.companion.stats() if config.companion is not None else {}
     c0, k0 = cpu_seconds(config.pid), clients_cpu(config.clients)
@@ -206,13 +209,14 @@ def measure(config: Config, seconds: float) -> dict[str, float]:
     if companion1:
         out.update(serving_fps=(companion1["frames"] - companion0["frames"]) / elapsed,
                    **delivered(companion0, companion1, elapsed))
-    if s1 and tid:
+    if tid:
         cpu, runq = (l1[0] - l0[0]) * 1000 / frames, (l1[1] - l0[1]) * 1000 / frames
         out.update(
             loop_frame_ms=elapsed * 1000 / frames, loop_cpu_ms=cpu, loop_runq_ms=runq,
             loop_sleep_ms=max(0.0, elapsed * 1000 / frames - cpu - runq),
-            **delivered(s0, s1, elapsed),
         )
+    if s1:
+        out.update(delivered(s0, s1, elapsed))
     return out
 
 
@@ -321,7 +325,8 @@ def model_only_config(source: str, pin: bool = False) -> Iterator[Config]:
         assert proc.pid is not None
         key, label = ("model-pinned", "model-only, its loop pinned like the dashboard's") if pin \
             else ("model-only", "model-only")
-        config = Config(key, label, proc.pid, lambda: int(counter.value))
+        config = Config(key, label, proc.pid, lambda: int(counter.value),
+                        loop_is_main_thread=True)
         config.stop()
         try:
             yield config
@@ -464,7 +469,7 @@ def run(args: argparse.Namespace) -> list[Config]:
         configs.append(Config(
             "beside-serving", f"model-only, pinned, beside a serving-only dashboard ({outputs}, "
             f"trivial model, {pace:g} fps, in another process on the other CPU)", pinned.pid,
-            pinned.frames, companion=serving.server))
+            pinned.frames, loop_is_main_thread=True, companion=serving.server))
         def slice_of(config: Config) -> dict[str, float]:
             config.cont()
             try:
@@ -524,13 +529,14 @@ def report(configs: list[Config], args: argparse.Namespace) -> None:
               f"{min(c.ratios):.3f}..{max(c.ratios):.3f} | {med(c, 'cpu_percent'):.0f} | "
               f"{med(c, 'clients_cpu_percent'):.0f} |")
     print()
-    print("Where the loop thread's time per frame goes (ms, medians of slices; kernel schedstat):")
+    print("Where the loop thread's time per frame goes (ms, medians of slices; kernel schedstat; "
+          "a model-only worker's loop is its main thread):")
     print()
     print("| configuration | frame | on a CPU | runnable, waiting for a CPU | asleep (GIL, locks, "
           "source) | whole machine busy (of 200 %) |")
     print("|---|---:|---:|---:|---:|---:|")
-    for c in others:
-        if c.server is None:
+    for c in (model, *others):
+        if not any("loop_cpu_ms" in s for s in c.slices):
             continue
         print(f"| {c.label} | {med(c, 'loop_frame_ms'):.2f} | {med(c, 'loop_cpu_ms'):.2f} | "
               f"{med(c, 'loop_runq_ms'):.2f} | {med(c, 'loop_sleep_ms'):.2f} | "
