@@ -40,7 +40,7 @@ class Result:
     model: ModelInfo | None
     frame_size: tuple[int, int]
     items: tuple[Item, ...] = ()
-    # The parseResult form, each list cut to its first top_k entries (parse.parse_first).
+    # The parseResult form; a classification list cut to its first top_k (parse.parse_first).
     parsed: Parsed = field(default_factory=dict, repr=False)
     timings_ms: dict[str, float] = field(default_factory=dict)
     fps: float = 0.0

@@ -11,7 +11,7 @@ import pytest
 from inference.config import Settings
 from inference.models import load_model, parse
 from inference.models.parse import parse_first, select
-from inference.types import ModelError
+from inference.types import ModelError, ModelInfo
 from tests import onnx_graphs
 
 CATS = {"tiger cat", "Egyptian cat", "tabby, tabby cat", "Persian cat", "Siamese cat, Siamese"}
@@ -72,6 +72,23 @@ def test_a_model_without_parse_top_is_cut_after_its_own_parse() -> None:
 
     parsed = parse_first(DeviceLike(), {}, 3)  # type: ignore[arg-type]
     assert parsed == {"classification": [{"label": i, "prob": 1.0 / (i + 1)} for i in range(3)]}
+
+
+def test_detections_are_never_cut_before_the_threshold() -> None:
+    # A device's parseResult may list boxes in any order: cutting at top-k first would drop the
+    # confident ones that come late.
+    boxes = [{"label": i, "prob": p, "xmin": 0.0, "ymin": 0.0, "xmax": 10.0, "ymax": 10.0}
+             for i, p in enumerate([0.1, 0.2, 0.9, 0.1, 0.8])]
+
+    class DeviceLike:
+        def parse(self, raw):  # type: ignore[no-untyped-def]
+            return {"ssd": list(boxes)}
+
+    parsed = parse_first(DeviceLike(), {}, 2)  # type: ignore[arg-type]
+    assert parsed == {"ssd": boxes}
+    info = ModelInfo("device", "ssd", 300, 300, "awscam", {})
+    items = select(parsed, info, top_k=2, threshold=0.5, frame_size=(300, 300))
+    assert [item.label for item in items] == [2, 4]
 
 
 def test_catdog_is_the_seed_binary_classifier(chelsea_bgr: np.ndarray) -> None:

@@ -142,7 +142,8 @@ class OnnxModel:
         return self._parser(raw)
 
     def parse_top(self, raw: RawOutputs, limit: int) -> Parsed:
-        """``parse`` with each list cut to its first ``limit`` entries, as the loop keeps it."""
+        """``parse`` with a classification list cut to its first ``limit`` entries, as the loop
+        keeps it (parse.parse_first)."""
         if self._top_parser is not None:
             return self._top_parser(raw, limit)
         return parse.truncate(self._parser(raw), limit)

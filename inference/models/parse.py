@@ -52,8 +52,9 @@ def _top_order(flat: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.intp]:
 
 
 def parse_first(model: Model, raw: RawOutputs, limit: int) -> Parsed:
-    """``model.parse(raw)`` with each list cut to its first ``limit`` entries: all the loop keeps
-    (the seed keeps ``[0:num_top_k]`` of it too). A model with ``parse_top`` builds only those."""
+    """``model.parse(raw)`` with a classification list cut to its first ``limit`` entries: all
+    the loop keeps (the seed keeps ``[0:num_top_k]`` of it too). A model with ``parse_top``
+    builds only those."""
     parse_top = getattr(model, "parse_top", None)
     if parse_top is not None:
         parsed: Parsed = parse_top(raw, limit)
@@ -62,8 +63,13 @@ def parse_first(model: Model, raw: RawOutputs, limit: int) -> Parsed:
 
 
 def truncate(parsed: Parsed, limit: int) -> Parsed:
-    """Each list of a parse cut to its first ``limit`` entries (the seed's ``[0:num_top_k]``)."""
-    return {k: v[:limit] if isinstance(v, list) else v for k, v in parsed.items()}
+    """A classification list cut to its first ``limit`` entries (the seed's ``[0:num_top_k]``).
+    Detections stay whole: a device's parseResult need not sort them, and ``select`` applies the
+    threshold before it counts to top-k."""
+    entries = parsed.get("classification")
+    if not isinstance(entries, list) or len(entries) <= limit:
+        return parsed
+    return {**parsed, "classification": entries[:limit]}
 
 
 def ssd_from_rows(
