@@ -387,7 +387,9 @@ def test_cli_serves_logs_the_control_url_once_and_stops_on_sigterm_with_open_str
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
                 stats = client.get("/api/stats").json()
-                if len(stats["viewers"]) == 2 and stats["event_subscribers"] == 1:
+                # The server logs its URL before the loop's first result: wait for both.
+                if (len(stats["viewers"]) == 2 and stats["event_subscribers"] == 1
+                        and stats["seq"] >= 1):
                     break
                 time.sleep(0.05)
             assert client.get("/results").json()["seq"] >= 1
