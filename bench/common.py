@@ -34,20 +34,15 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from inference.config import Settings  # noqa: E402
+
 MODEL = "efficientnet-lite0"
 # ONNX Runtime intra-op threads: on 2 shared cores, 1 thread is faster than 2. BENCH_THREADS=N
 # runs every configuration (server, model-only, the seed) with N instead (0: the product's auto
 # rule, which is 1 on 2 CPUs; 2 reproduces bench/README fix 12's run); an environment variable
 # so that the worker processes see it too.
 THREADS = str(int(os.environ.get("BENCH_THREADS", "1")))
-
-def _default_top_k() -> int:
-    from inference.config import Settings
-
-    return Settings().top_k
-
-
-TOP_K = _default_top_k()  # the dashboard's default --top-k, which every benchmark's server runs
+TOP_K = Settings().top_k  # the dashboard's default --top-k, which every benchmark's server runs
 SYNTHETIC_720P = "synthetic:1280x720@30"
 _SEQ = re.compile(rb"X-Frame-Seq: (\d+)")
 _TS = re.compile(rb"X-Timestamp: ([0-9.]+)")
@@ -501,8 +496,8 @@ def model_step(model: Any, frame: Any) -> Any:
 def model_only_worker(source: str, source_fps: float | None, warmup: float,
                       window: float) -> dict[str, float]:
     """Read the source, preprocess, infer and parse (``model_step``) in a plain loop: the model's
-    own pace on the same frames, with nothing else. Returns fps and this process's CPU % over the window."""
-    from inference.config import Settings
+    own pace on the same frames, with nothing else. Returns fps and this process's CPU % over the
+    window."""
     from inference.models import load_model
     from inference.sources import make_source
 

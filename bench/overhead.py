@@ -136,8 +136,9 @@ class Config:
     viewers: list[dict[str, Any]] = field(default_factory=list)
     side: list[dict[str, Any]] = field(default_factory=list)
 
+    # A model-only worker: its loop is its process's main thread (for the loop breakdown).
     loop_is_main_thread: bool = False
-    # Processes that run and stop with this one (beside-serving: the serving-only dashboard).
+    # A dashboard that runs and stops with this one (beside-serving: the serving-only one).
     companion: Server | None = None
 
     def stop(self) -> None:
@@ -151,15 +152,17 @@ class Config:
         os.kill(self.pid, signal.SIGCONT)
 
 
-def confine(pids: list[int], cpu: int | None) -> None:
-    """Every thread of the processes ``pids`` on ``cpu`` (``--clients-cpu``); None: leave them."""
-    if cpu is None:
+def confine(pids: list[int], cpus: int | set[int] | None) -> None:
+    """Every thread of the processes ``pids`` on ``cpus`` (one CPU: ``--clients-cpu``); None:
+    leave them. Threads they start later inherit it."""
+    if cpus is None:
         return
+    mask = {cpus} if isinstance(cpus, int) else cpus
     for pid in pids:
         with contextlib.suppress(OSError):
             for tid in os.listdir(f"/proc/{pid}/task"):
                 with contextlib.suppress(OSError):
-                    os.sched_setaffinity(int(tid), {cpu})
+                    os.sched_setaffinity(int(tid), mask)
 
 
 def clients_cpu(pids: list[int]) -> float:
@@ -341,23 +344,9 @@ def model_only_config(source: str, pin: bool = False) -> Iterator[Config]:
 def trivial_classifier(path: str) -> None:
     """A 5-class ONNX classifier on a 32x32 input (mean colour -> linear -> softmax): a loop that
     costs next to nothing, so a dashboard running it is its serving work alone."""
-    import numpy as np
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
+    from tests.onnx_graphs import classifier
 
-    weights = np.linspace(-1.0, 1.0, 15, dtype=np.float32).reshape(3, 5)
-    graph = helper.make_graph(
-        [helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
-         helper.make_node("Flatten", ["pooled"], ["flat"]),
-         helper.make_node("MatMul", ["flat", "w"], ["logits"]),
-         helper.make_node("Softmax", ["logits"], ["probs"], axis=1)],
-        "trivial", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
-        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, 5])],
-        initializer=[numpy_helper.from_array(weights, "w")],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model.ir_version = 8
-    onnx.save(model, path)
+    Path(path).write_bytes(classifier(num_classes=5, size=32))
 
 
 def serving_cpus() -> set[int]:
@@ -367,13 +356,6 @@ def serving_cpus() -> set[int]:
     cpus = available_cpus() or set(os.sched_getaffinity(0))
     loop_cpu = choose_cpu("auto", cpus)
     return (cpus - {loop_cpu}) or cpus
-
-
-def confine_process(pid: int, cpus: set[int]) -> None:
-    """Every thread of ``pid`` on ``cpus``; threads it starts later inherit that."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(OSError):
-            os.sched_setaffinity(int(tid), cpus)
 
 
 def probe_worker(source: str, seconds: float) -> float:
@@ -448,9 +430,10 @@ def run(args: argparse.Namespace) -> list[Config]:
             clients_at, "--model", tiny, "--model-type", "classification",
             "--source-fps", str(pace), "--loop-cpu", "off"))
         assert serving.server is not None
-        confine_process(serving.pid, serving_cpus())
+        serving_at = serving_cpus()
+        confine([serving.pid], serving_at)
         print(f"beside-serving: the serving-only dashboard paced at {pace:g} fps on CPU(s) "
-              f"{','.join(map(str, sorted(serving_cpus())))}", flush=True)
+              f"{','.join(map(str, sorted(serving_at)))}", flush=True)
         configs = [
             stack.enter_context(dashboard_config(
                 "dashboard", f"dashboard, everything on ({outputs})", source, mqtt, tmp,
