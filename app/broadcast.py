@@ -191,7 +191,10 @@ class Encoder:
 
     def _run(self) -> None:
         self.thread_nice[threading.current_thread().name] = serving_thread(self.nice)
-        while (res := self._jobs.get()) is not None:
+        while True:
+            res = self._jobs.get()
+            if res is None:
+                return
             with self._lock:
                 pending = self._pending.pop(res)
             try:
@@ -310,7 +313,7 @@ class Broadcaster:
     def attach(self) -> None:
         self._encoder = Encoder(self.hub, nice=self._nice)
         self.hub.add_listener(self._listener)
-        self._ticker = self._loop.create_task(self._tick(), name="broadcast-ticker")
+        self._ticker = self._loop.create_task(self._tick())
 
     def detach(self) -> None:
         self.hub.remove_listener(self._listener)

@@ -8,9 +8,9 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import jinja2
 from fastapi import FastAPI
 from fastapi.staticfiles import StaticFiles
-from fastapi.templating import Jinja2Templates
 
 from app.broadcast import Broadcaster, call_in_thread
 from app.routes import control, health, results, stream
@@ -63,7 +63,8 @@ def create_app(runtime: Runtime, settings: Settings) -> FastAPI:
     app.state.config_lock = asyncio.Lock()
     app.state.model_watch = ModelErrorWatch()
     app.state.registry = make_registry(runtime, app.state)
-    app.state.templates = Jinja2Templates(directory=str(HERE / "templates"))
+    app.state.templates = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(str(HERE / "templates")), autoescape=True)
     app.include_router(stream.router)
     app.include_router(results.router)
     app.include_router(control.router)

@@ -15,6 +15,7 @@ import logging
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Generator
 from pathlib import Path
 from types import FrameType
@@ -177,8 +178,9 @@ class ServerThread:
         self.port = int(self._sock.getsockname()[1])
         self._thread = threading.Thread(target=self._run, name="http-server", daemon=False)
         self._thread.start()
+        deadline = time.monotonic() + timeout
         while not self.server.bound.wait(0.05):
-            if not self._thread.is_alive() or (timeout := timeout - 0.05) <= 0:
+            if not self._thread.is_alive() or time.monotonic() >= deadline:
                 self.stop()
                 raise RuntimeError(f"the dashboard server did not start: {self._error!r}")
 

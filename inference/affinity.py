@@ -42,6 +42,8 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
+from inference.compat import native_thread_id
+
 log = logging.getLogger(__name__)
 
 CHECK_INTERVAL = 3.0  # seconds between re-checks of the threads' masks (a few syscalls each)
@@ -140,7 +142,7 @@ def _affinity(tid: int) -> frozenset[int] | None:
 def serving_thread(nice: int = 0) -> int | None:
     """Call at the start of a serving thread: it is kept off the loop's CPU while one is isolated
     and its nice value is raised by ``nice``. Returns its nice value (None where not supported)."""
-    tid = threading.get_native_id()
+    tid = native_thread_id()
     with _LOCK:
         _SERVING.add(tid)
         active = _ACTIVE[-1] if _ACTIVE else None
@@ -193,7 +195,7 @@ class CpuIsolation:
     def apply(self) -> None:
         """Pin the calling thread (the loop) to :attr:`cpu` and engage: a loop starts saturated
         until its frames say otherwise (an unpaced file or a slow model is, from frame one)."""
-        self.loop_tid = threading.get_native_id()
+        self.loop_tid = native_thread_id()
         self.error = None
         if not self._set(self.loop_tid, frozenset({self.cpu})):
             return
@@ -331,7 +333,7 @@ def unconfined() -> Iterator[None]:
     """
     with _LOCK:
         active = _ACTIVE[-1] if _ACTIVE else None
-    tid = threading.get_native_id()
+    tid = native_thread_id()
     before = _affinity(tid) if active is not None else None
     widened = False
     if active is not None and before is not None and before != active.cpus:
@@ -357,8 +359,8 @@ def lower_priority(nice: int) -> int | None:
     their own. Never raises: a thread at the wrong priority still serves.
     """
     if nice <= 0:
-        return _nice_of(threading.get_native_id())
-    tid = threading.get_native_id()
+        return _nice_of(native_thread_id())
+    tid = native_thread_id()
     current = _nice_of(tid)
     if current is None:
         return None

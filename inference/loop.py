@@ -19,14 +19,14 @@ import enum
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import cv2
 
 from inference import overlay
 from inference.affinity import CpuIsolation, available_cpus, choose_cpu, unconfined
+from inference.compat import native_thread_id
 from inference.config import Settings
 from inference.hub import FrameHub, Render, target_size
 from inference.logutil import RateLimitedLog
@@ -248,7 +248,7 @@ class InferenceLoop:
     # -- the loop --------------------------------------------------------------------------------
     def _run(self, stop: threading.Event) -> None:
         log.info("inference loop started")
-        self.stats.thread_id = threading.get_native_id()
+        self.stats.thread_id = native_thread_id()
         self._isolate()
         try:
             while not stop.is_set():

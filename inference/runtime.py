@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Protocol
+from typing import Any
+
+from typing_extensions import Protocol
 
 from inference.config import Settings
 from inference.hub import FrameHub

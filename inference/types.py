@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol, runtime_checkable
+from typing import Any, Dict
 
 import numpy.typing as npt
+from typing_extensions import Literal, Protocol, runtime_checkable
 
 ModelType = Literal["classification", "ssd", "segmentation"]
 MODEL_TYPES: tuple[ModelType, ...] = ("classification", "ssd", "segmentation")
@@ -14,10 +15,10 @@ MODEL_TYPES: tuple[ModelType, ...] = ("classification", "ssd", "segmentation")
 Image = npt.NDArray[Any]
 """An H x W x 3 BGR uint8 frame, the layout of ``awscam.getLastFrame()``."""
 
-RawOutputs = dict[str, npt.NDArray[Any]]
+RawOutputs = Dict[str, npt.NDArray[Any]]
 """What ``Model.doInference`` returns: output-layer name -> array."""
 
-Parsed = dict[str, Any]
+Parsed = Dict[str, Any]
 """What ``Model.parseResult`` returns: ``{model_type: [...]}``."""
 
 

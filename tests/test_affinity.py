@@ -21,6 +21,7 @@ from inference.affinity import (
     parse_loop_cpu,
     serving_thread,
 )
+from inference.compat import native_thread_id
 from inference.config import SettingError, Settings, parse_value
 from inference.hub import FrameHub
 from inference.loop import InferenceLoop
@@ -116,7 +117,7 @@ class ThreadedSource:
         started = threading.Event()
 
         def helper() -> None:
-            self.helper_tid = threading.get_native_id()
+            self.helper_tid = native_thread_id()
             started.set()
             self._stop.wait(30)
 
@@ -193,11 +194,11 @@ def test_the_loop_keeps_a_cpu_and_gives_it_back_when_it_stops(run_loop: Any) -> 
 
     def server(nice: int) -> None:  # a serving thread already running: an encoder, the event loop
         serving_thread(nice)
-        tids["server"] = threading.get_native_id()
+        tids["server"] = native_thread_id()
         hold.wait(30)
 
     def bystander() -> None:  # any other thread: the Greengrass runtime's, a library's
-        tids["bystander"] = threading.get_native_id()
+        tids["bystander"] = native_thread_id()
         hold.wait(30)
 
     threading.Thread(target=server, args=(0,), name="server", daemon=True).start()
@@ -222,7 +223,7 @@ def test_the_loop_keeps_a_cpu_and_gives_it_back_when_it_stops(run_loop: Any) -> 
 
         def late_server() -> None:  # a serving thread started while the loop runs
             serving_thread(0)
-            late.append(threading.get_native_id())
+            late.append(native_thread_id())
             hold.wait(30)
 
         threading.Thread(target=late_server, name="late-server", daemon=True).start()
@@ -252,7 +253,7 @@ def test_threads_that_inherit_the_loops_cpu_are_given_every_cpu_back(run_loop: A
     hold = threading.Event()
 
     def pool_worker() -> None:
-        tid.append(threading.get_native_id())
+        tid.append(native_thread_id())
         os.sched_setaffinity(0, {iso.cpu})  # as a pool started lazily from the loop thread is
         hold.wait(30)
 
@@ -283,7 +284,7 @@ def test_a_source_or_model_switched_from_a_serving_thread_gets_every_cpu() -> No
         started = threading.Event()
 
         def pool() -> None:
-            pools.append(threading.get_native_id())
+            pools.append(native_thread_id())
             started.set()
             hold.wait(30)
 
@@ -306,7 +307,7 @@ def test_a_source_or_model_switched_from_a_serving_thread_gets_every_cpu() -> No
         def serving_worker() -> None:  # the event loop's worker thread running a PATCH
             serving_thread(0)
             loop.update({"source": "b", "model": "m2"})
-            seen["after"] = thread_cpus(threading.get_native_id())
+            seen["after"] = thread_cpus(native_thread_id())
 
         worker = threading.Thread(target=serving_worker, name="patch-worker", daemon=True)
         worker.start()
@@ -341,7 +342,7 @@ def test_a_loop_that_waits_for_its_source_lets_go_of_its_cpu_and_takes_it_back_w
 
     def server() -> None:
         serving_thread(0)
-        tids.append(threading.get_native_id())
+        tids.append(native_thread_id())
         hold.wait(30)
 
     threading.Thread(target=server, name="server", daemon=True).start()
@@ -386,13 +387,13 @@ def test_a_loop_that_waits_for_its_source_lets_go_of_its_cpu_and_takes_it_back_w
 
 
 def test_off_leaves_every_thread_where_it_was(run_loop: Any) -> None:
-    before = thread_cpus(threading.get_native_id()) if LINUX else None
+    before = thread_cpus(native_thread_id()) if LINUX else None
     loop = run_loop(Settings(source="x", loop_cpu="off"), ThreadedSource(), TinyModel())
     assert loop.isolation is None
     if LINUX:
         assert loop.stats.thread_id is not None
         assert thread_cpus(loop.stats.thread_id) == before
-        assert thread_cpus(threading.get_native_id()) == before
+        assert thread_cpus(native_thread_id()) == before
 
 
 def test_a_refused_affinity_call_leaves_the_loop_running(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -417,7 +418,7 @@ def test_lower_priority_is_per_thread_relative_to_the_process_and_idempotent() -
         seen["first"] = lower_priority(5)
         seen["again"] = lower_priority(5)
         seen["zero"] = lower_priority(0)
-        seen["tid"] = threading.get_native_id()
+        seen["tid"] = native_thread_id()
 
     thread = threading.Thread(target=worker, name="nice-worker")
     thread.start()

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, Callable, Dict, List, Union
 
 import cv2
 import numpy as np
@@ -33,7 +33,7 @@ ASTRONAUT_FACE = (180.0, 75.0, 265.0, 185.0)
 
 SIZES = [(320, 320), (512, 512), (640, 480)]
 
-Detections = list[dict[str, float | int]]
+Detections = List[Dict[str, Union[float, int]]]
 Detector = Callable[[npt.NDArray[np.uint8], int, int], Detections]
 
 
@@ -67,7 +67,7 @@ def _session(width: int, height: int) -> ort.InferenceSession:
 
 def _run(session: ort.InferenceSession, blob: npt.NDArray[np.float32]) -> dict[str, Any]:
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, {INPUT_NAME: blob}), strict=True))
+    return dict(zip(names, session.run(names, {INPUT_NAME: blob})))
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import sys
 import types
 from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Dict
 
 import numpy as np
 import numpy.typing as npt
@@ -33,7 +33,7 @@ CLASSES_FILE = pathlib.Path(__file__).resolve().parents[1] / "inference/data/ima
 TIGER_CAT, EGYPTIAN_CAT, ESPRESSO = 282, 285, 967
 CATS = range(281, 286)  # tabby, tiger, Persian, Siamese, Egyptian
 
-State = dict[str, npt.NDArray[Any]]
+State = Dict[str, npt.NDArray[Any]]
 
 
 @pytest.fixture(scope="module")

@@ -234,11 +234,11 @@ def test_preprocess_in_one_call_matches_the_step_by_step_reference(
 
     pre = Preprocess(96, 64, color=color, scale=1 / 255, mean=(0.485, 0.456, 0.406),  # type: ignore[arg-type]
                      std=(0.229, 0.224, 0.225), center_crop=center_crop, layout=layout)  # type: ignore[arg-type]
-    assert pre._blob_params is not None  # the one-call path is what runs here
+    assert pre._params is not None  # the one-call path is what runs here
     frame = np.random.default_rng(3).integers(0, 256, (272, 640, 3), dtype=np.uint8)
     x0, y0, x1, y1 = pre.crop_box(640, 272)
     expected = pre.reference(frame[y0:y1, x0:x1])
     out = pre(frame)
     assert out.shape == expected.shape and out.dtype == np.float32 and out.flags["C_CONTIGUOUS"]
     np.testing.assert_allclose(out, expected, atol=1e-5)
-    assert Preprocess(8, 8, dtype="uint8")._blob_params is None  # uint8 input stays as it is
+    assert Preprocess(8, 8, dtype="uint8")._params is None  # uint8 input stays as it is

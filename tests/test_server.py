@@ -196,9 +196,11 @@ class PartReader:
         boundary = self._line()
         assert boundary == b"--frame", f"expected the boundary, got {boundary[:60]!r}"
         headers: dict[str, str] = {}
-        while line := self._line():
+        line = self._line()
+        while line:
             name, _, value = line.decode().partition(":")
             headers[name.strip().lower()] = value.strip()
+            line = self._line()
         size = int(headers["content-length"])
         self._fill(size + 2)
         body, tail = bytes(self._buf[:size]), bytes(self._buf[size:size + 2])

@@ -23,7 +23,7 @@ def test_synthetic_is_deterministic_and_numbered() -> None:
     b.open()
     frames_a = [a.read() for _ in range(3)]
     frames_b = [b.read() for _ in range(3)]
-    for fa, fb in zip(frames_a, frames_b, strict=True):
+    for fa, fb in zip(frames_a, frames_b):
         assert fa is not None and fb is not None
         assert fa.shape == (180, 320, 3) and fa.dtype == np.uint8
         assert np.array_equal(fa, fb)

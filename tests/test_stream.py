@@ -154,7 +154,7 @@ def test_slow_viewer_skips_to_the_latest_frame_without_holding_up_the_loop() -> 
     # Big frames, so the kernel's socket buffers (a few MB on loopback) cannot hold them all.
     with running_server(source="synthetic:1280x720@30", display_res="native") as srv:
         srv.wait_frames(1)
-        host, port = srv.url.removeprefix("http://").split(":")
+        host, port = srv.url.split("//", 1)[1].split(":")
         with socket.socket() as sock:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
             sock.settimeout(20)
@@ -165,8 +165,10 @@ def test_slow_viewer_skips_to_the_latest_frame_without_holding_up_the_loop() -> 
             assert srv.runtime.hub.published - start >= 120
 
             def chunks() -> Iterator[bytes]:
-                while data := sock.recv(65536):
+                data = sock.recv(65536)
+                while data:
                     yield data
+                    data = sock.recv(65536)
 
             stream = chunks()
             head = b""
@@ -357,7 +359,8 @@ def test_a_lagging_encoder_skips_to_the_newest_frame() -> None:
             hub.publish(image, Result(1, time.time(), None, (16, 16)), render=slow_render)
             futures = [encoder.submit(hub.latest(), "native")]  # type: ignore[arg-type]
             # Off the event loop: the encoder's result is posted back to it.
-            assert await asyncio.to_thread(rendering.wait, 5), "the encoder never started"
+            assert await asyncio.get_running_loop().run_in_executor(None, rendering.wait, 5), (
+                "the encoder never started")
             for seq in (2, 3, 4):
                 hub.publish(image, Result(seq, time.time(), None, (16, 16)))
                 futures.append(encoder.submit(hub.latest(), "native"))  # type: ignore[arg-type]

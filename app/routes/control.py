@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Literal
+from typing import Any, Optional
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
+from typing_extensions import Literal
 
 from app.broadcast import call_in_thread
 from app.routes import PrettyJSONResponse, field_error, runtime_of
@@ -26,7 +27,7 @@ PipelineAction = Literal["start", "stop", "pause", "resume"]
 
 # -- the page ------------------------------------------------------------------------------------
 @router.get("/", response_class=HTMLResponse, include_in_schema=False)
-async def page(request: Request, token: str | None = None) -> Response:
+async def page(request: Request, token: Optional[str] = None) -> Response:
     settings = request.app.state.settings
     if token is not None:
         if authorized(request, allow_query=True):
@@ -56,9 +57,10 @@ def _render(request: Request, status: int = 200, notice: str = "", locked: bool 
         "resolutions": RESOLUTION_NAMES,
         "state": runtime.loop.state.value,
     }
-    response: Response = request.app.state.templates.TemplateResponse(
-        request, "index.html", context, status_code=status
-    )
+    # Rendered with Jinja2 itself: Starlette's TemplateResponse changed its signature between
+    # the releases Python 3.7 gets and the current ones.
+    html = request.app.state.templates.get_template("index.html").render(request=request, **context)
+    response: Response = HTMLResponse(html, status_code=status)
     response.headers["Cache-Control"] = "no-store"
     return response
 
@@ -144,9 +146,9 @@ def _blame(exc: Exception, changes: dict[str, Any]) -> str:
     from inference.types import ModelError, SourceError
 
     if isinstance(exc, ModelError):
-        name = exc.option.removeprefix("--").replace("-", "_")
+        name = exc.option[2:].replace("-", "_")
         return name if name in changes else "model"
-    if isinstance(exc, SourceError | SourceSpecError) and "source" in changes:
+    if isinstance(exc, (SourceError, SourceSpecError)) and "source" in changes:
         return "source"
     for field in ("model", "source"):
         if field in changes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Optional
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import StreamingResponse
@@ -118,7 +119,7 @@ async def _parts(broadcaster: Broadcaster, viewer: Viewer, res: str) -> AsyncIte
         503: {"description": "Too many viewers"},
     },
 )
-async def stream(request: Request, res: str | None = None, fps: str | None = None) -> Response:
+async def stream(request: Request, res: Optional[str] = None, fps: Optional[str] = None) -> Response:
     """Parts carry ``Content-Length``, ``X-Frame-Seq`` and ``X-Timestamp`` (capture time, epoch s).
     ``?res=480p|720p|1080p|native`` (never upscaled past the annotated frame), ``?fps=`` caps
     this viewer. A slow viewer skips to the latest frame; with no new frame for ~1 s the latest
@@ -154,7 +155,7 @@ async def stream(request: Request, res: str | None = None, fps: str | None = Non
     response_class=Response,
     responses={200: {"content": {"image/jpeg": {}}}, 503: {"description": "No frame yet"}},
 )
-async def snapshot(request: Request, res: str | None = None) -> Response:
+async def snapshot(request: Request, res: Optional[str] = None) -> Response:
     try:
         resolution = _parse_res(res)
     except ValueError as exc:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import logging
-import math
 import os
 import pathlib
 import pickle
@@ -241,11 +240,13 @@ def _materialise(
 ) -> npt.NDArray[Any]:
     ref = tensor.storage
     flat = data[ref.key][ref.view_offset : ref.view_offset + ref.view_size]
-    numel = math.prod(tensor.size)
+    numel = int(np.prod(tensor.size, dtype=np.int64))
     if numel == 0:
         return np.zeros(tensor.size, dtype=flat.dtype.newbyteorder("="))
     # as_strided does no bounds checking: an out-of-range stride would read foreign memory.
-    last = tensor.offset + sum((n - 1) * s for n, s in zip(tensor.size, tensor.stride, strict=True))
+    if len(tensor.size) != len(tensor.stride):
+        raise WeightsError(f"tensor {name!r} has {len(tensor.size)} sizes for {len(tensor.stride)} strides")
+    last = tensor.offset + sum((n - 1) * s for n, s in zip(tensor.size, tensor.stride))
     if last >= flat.size:
         raise WeightsError(f"tensor {name!r} reaches past the end of its storage")
     window = flat[tensor.offset :]

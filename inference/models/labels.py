@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import re
-from importlib import resources
 from pathlib import Path
+
+DATA = Path(__file__).resolve().parent.parent / "data"
 
 _NUMBERED = re.compile(r"^\s*(\d+)\s*[:,\t ]\s*(.+?)\s*$")
 
@@ -45,7 +46,7 @@ def load_labels(path: str | Path) -> dict[int, str]:
 
 def builtin_labels(name: str) -> dict[int, str]:
     """``imagenet`` (1000 classes, id 0..999) or ``voc`` (20 classes, id 1..20 as the DeepLens SSD)."""
-    text = resources.files("inference.data").joinpath(f"{name}_classes.txt").read_text("utf-8")
+    text = (DATA / f"{name}_classes.txt").read_text("utf-8")
     names = [line.strip() for line in text.splitlines() if line.strip()]
     offset = 1 if name == "voc" else 0
     return {i + offset: n for i, n in enumerate(names)}

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import functools
-from dataclasses import dataclass
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any
 
 import cv2
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import Literal
 
 from inference.types import Image
 
@@ -26,6 +26,10 @@ class Preprocess:
     center_crop: float = 0.0
     layout: Literal["nchw", "nhwc", "hwc"] = "nchw"
     dtype: Literal["float32", "uint8"] = "float32"
+    _params: Any = field(init=False, repr=False, compare=False, default=None)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_params", self._blob_params())
 
     def crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
         """The frame region the model sees, as x0, y0, x1, y1."""
@@ -37,7 +41,6 @@ class Preprocess:
         x0, y0 = int(round((width - cw) / 2)), int(round((height - ch) / 2))
         return x0, y0, x0 + int(round(cw)), y0 + int(round(ch))
 
-    @functools.cached_property
     def _blob_params(self) -> Any:
         """OpenCV's one-call resize + channel swap + (x - mean) * scale + layout, or None.
 
@@ -61,7 +64,7 @@ class Preprocess:
         x0, y0, x1, y1 = self.crop_box(w, h)
         # Crop first, then one resize of the smaller region: cheaper than resize-then-crop.
         region = frame[y0:y1, x0:x1] if (x0, y0, x1, y1) != (0, 0, w, h) else frame
-        params = self._blob_params
+        params = self._params
         if params is not None and region.ndim == 3 and region.shape[2] == 3 and region.dtype == np.uint8:
             # One GIL release per frame instead of five: the loop thread waits less for the GIL
             # while the server threads are busy (bench/README.md, overhead).

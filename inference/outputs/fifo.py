@@ -228,7 +228,8 @@ class FifoWriter:
             os.close(fd)
             self._degrade(f"{self.path} is no longer a FIFO; writing stopped, file left untouched")
             return False
-        setsz = getattr(fcntl, "F_SETPIPE_SZ", None)
+        # Python < 3.10 lacks the name; Linux's number for it is 1031.
+        setsz = getattr(fcntl, "F_SETPIPE_SZ", 1031 if sys.platform.startswith("linux") else None)
         if setsz is not None:
             try:
                 fcntl.fcntl(fd, setsz, PIPE_SIZE)
