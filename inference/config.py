@@ -181,13 +181,47 @@ def parse_fifo(value: Any) -> str:
     return text
 
 
+MQTT_URL = re.compile(r"(mqtts?)://(?:([^@/\s]*)@)?([^@/\s:]+)(?::(\d{1,5}))?/?")
+
+
 def parse_mqtt_url(value: Any) -> str:
     text = str(value).strip()
     if not text:
         return ""
-    if not re.fullmatch(r"mqtts?://[^/\s:]+(:\d{1,5})?/?", text):
-        raise ValueError(f"expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT], got {value!r}")
+    match = MQTT_URL.fullmatch(text)
+    if not match:
+        raise ValueError(f"expected mqtt://[USER[:PASSWORD]@]HOST[:PORT] or mqtts://..., got "
+                         f"{redact_url(text)!r}")
+    port = match.group(4)
+    if port is not None and not 1 <= int(port) <= 65535:
+        raise ValueError(f"port must be 1..65535, got {port}")
     return text
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its user info masked, for logs and /api/config."""
+    return re.sub(r"(://[^:@/\s]*:)[^@/\s]*@", r"\1***@", url)
+
+
+def parse_topic(value: Any) -> str:
+    text = str(value).strip()
+    if not text:
+        raise ValueError("must not be empty")
+    if any(ch in text for ch in "+#\0"):
+        raise ValueError(f"a topic to publish to cannot hold the wildcards + or #, got {value!r}")
+    if len(text.encode("utf-8")) > 256:
+        raise ValueError("longer than 256 bytes (the AWS IoT Core topic limit)")
+    return text
+
+
+def parse_alpn(value: Any) -> str:
+    text = str(value).strip()
+    if text.lower() in ("", "auto", "off"):
+        return text.lower() or "auto"
+    protocols = [p.strip() for p in text.split(",")]
+    if not all(protocols) or any(len(p) > 255 or not p.isprintable() for p in protocols):
+        raise ValueError(f"expected auto, off or protocol names separated by commas, got {value!r}")
+    return ",".join(protocols)
 
 
 @dataclass(frozen=True)
@@ -255,6 +289,13 @@ class Settings:
     mqtt_ca: str = ""
     mqtt_cert: str = ""
     mqtt_key: str = ""
+    mqtt_alpn: str = "auto"
+    mqtt_client_id: str = ""
+    mqtt_username: str = ""
+    mqtt_password: str = ""
+    mqtt_password_file: str = ""
+    iot_topic: str = "$aws/things/{thing}/infer"
+    iot_queue: int = 1000
     thing_name: str = ""
     iot_payload: str = "seed"
     iot_max_rate: float = 0.0
@@ -273,6 +314,8 @@ class Settings:
             value = getattr(self, opt.name)
             if opt.secret:
                 value = "***" if value else ""
+            elif opt.name == "mqtt":
+                value = redact_url(value)
             elif isinstance(value, tuple):
                 value = list(value)
             out[opt.name] = value
@@ -355,11 +398,33 @@ OPTIONS: tuple[Option, ...] = (
     Option("iot", _choice("auto", "greengrass", "mqtt", "log", "off"), "where results are "
            "published: auto = greengrass inside a core, mqtt with --mqtt, else log",
            group="outputs"),
-    Option("mqtt", parse_mqtt_url, "MQTT broker, mqtt://HOST[:PORT] or mqtts://HOST[:PORT]",
+    Option("mqtt", parse_mqtt_url, "MQTT broker, mqtt://HOST[:PORT] or mqtts://HOST[:PORT] "
+           "(AWS IoT Core: mqtts://PREFIX-ats.iot.REGION.amazonaws.com, with --mqtt-ca/-cert/-key); "
+           "a user and password may come as mqtt://USER:PASSWORD@HOST, better by "
+           "--mqtt-username and DEEPLENS_MQTT_PASSWORD or --mqtt-password-file",
            group="outputs", metavar="URL"),
     Option("mqtt_ca", _text, "CA certificate for mqtts://", group="outputs", metavar="FILE"),
     Option("mqtt_cert", _text, "client certificate for mqtts://", group="outputs", metavar="FILE"),
     Option("mqtt_key", _text, "client key for mqtts://", group="outputs", metavar="FILE"),
+    Option("mqtt_alpn", parse_alpn, "TLS ALPN protocols for mqtts://: auto (x-amzn-mqtt-ca on "
+           "port 443, which AWS IoT Core needs there), off, or names separated by commas",
+           group="outputs", metavar="auto|off|NAMES"),
+    Option("mqtt_client_id", _text, "MQTT client id (default: the thing name, which AWS IoT "
+           "policies usually expect)", group="outputs", metavar="ID"),
+    Option("mqtt_username", _text, "user name for brokers that require a login",
+           group="outputs", metavar="USER"),
+    Option("mqtt_password", _text, "password for --mqtt-username (prefer the env var or "
+           "--mqtt-password-file: a flag shows in the process list)", group="outputs",
+           metavar="PASSWORD", secret=True),
+    Option("mqtt_password_file", _text, "file whose first line is the MQTT password",
+           group="outputs", metavar="FILE"),
+    Option("iot_topic", parse_topic, "topic the results go to; {thing} is the thing name. The "
+           "seed's $aws/things/{thing}/infer was published by a Greengrass core: AWS IoT Core "
+           "reserves $-topics, so publishing to it directly use e.g. deeplens/{thing}/infer",
+           group="outputs", metavar="TOPIC"),
+    Option("iot_queue", _int_range(1, 100000), "messages kept while the broker is away, "
+           "delivered in order when it is back; beyond, the oldest are dropped and counted",
+           group="outputs", metavar="N"),
     Option("thing_name", _text, "IoT thing: topic $aws/things/<thing>/infer (default: "
            "$AWS_IOT_THING_NAME, else deeplens-<hostname>)", group="outputs", metavar="NAME"),
     Option("iot_payload", _choice("seed", "rich"), "seed = {label: prob} as the original Lambda; "

@@ -12,6 +12,24 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 FAKES = Path(__file__).resolve().parent / "fakes"
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+# DEEPLENS_TEST_INSTALLED=1 (the device stage of .ci/run, under Python 3.7): the tests drive the
+# product installed from the device bundle, never this tree.
+INSTALLED = os.environ.get("DEEPLENS_TEST_INSTALLED", "") == "1"
+
+
+def product_pythonpath(*first: str) -> str:
+    """PYTHONPATH for a child process that runs the product (the tree's copy unless installed)."""
+    return os.pathsep.join([*first, *([] if INSTALLED else [str(ROOT)])])
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if INSTALLED:
+        import app
+
+        if str(Path(app.__file__).resolve()).startswith(str(ROOT) + os.sep):
+            raise pytest.UsageError(
+                f"DEEPLENS_TEST_INSTALLED=1 but app comes from the source tree ({app.__file__}): "
+                "run the venv's pytest script with --import-mode=append, not python -m pytest")
 
 
 def require_tool(name: str) -> str:

@@ -15,8 +15,10 @@ from inference.config import Settings
 from inference.loop import InferenceLoop, LoopState
 from inference.models import DEVICE_DEFAULT_MODEL, load_model
 from inference.types import ModelError
-from tests.conftest import FAKES, ROOT
+from tests.conftest import FAKES, product_pythonpath
 from tests.test_loop import collect
+
+pytestmark = pytest.mark.device
 
 
 def device_settings(model: str, **kw: Any) -> Settings:
@@ -130,9 +132,9 @@ def test_get_last_frame_failing_for_a_while_then_back(
         loop.close()
 
 
-def test_cli_on_the_device_imports_awscam_before_cv2(device_xml: Path, image_file: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(FAKES), str(ROOT)]),
-               FAKE_AWSCAM_VIDEO=str(image_file))
+def test_cli_on_the_device_imports_awscam_before_cv2(device_xml: Path, image_file: Path,
+                                                    tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=product_pythonpath(str(FAKES)), FAKE_AWSCAM_VIDEO=str(image_file))
     code = (
         "import sys, runpy\n"
         "sys.argv = ['deeplens-dashboard', 'infer', '--frames', '1', '--model', sys.argv[1],"
@@ -143,7 +145,7 @@ def test_cli_on_the_device_imports_awscam_before_cv2(device_xml: Path, image_fil
         "sys.stderr.write('CV2_FIRST=%s\\n' % awscam.CV2_IMPORTED_BEFORE_AWSCAM)\n"
         "sys.exit(rc)\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code, str(device_xml)], env=env, cwd=ROOT,
+    proc = subprocess.run([sys.executable, "-c", code, str(device_xml)], env=env, cwd=tmp_path,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "CV2_FIRST=False" in proc.stderr

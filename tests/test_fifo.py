@@ -144,6 +144,7 @@ def run_reader(cmd: list[str], timeout: float = 60.0) -> subprocess.CompletedPro
         pytest.fail(f"{cmd[0]} did not finish in {timeout} s: {exc.stderr!r}")
 
 
+@pytest.mark.device
 def test_ffmpeg_reads_decodable_frames(writer: FifoWriter, feeding: Feeder, fifo_path: Path,
                                        tmp_path: Path) -> None:
     ffmpeg = require_tool("ffmpeg")

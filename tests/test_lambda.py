@@ -19,8 +19,10 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import FAKES, ROOT, free_port
+from tests.conftest import FAKES, free_port, product_pythonpath
 from tests.test_fifo import decode, read_fifo, wait_for
+
+pytestmark = pytest.mark.device
 
 THING = "deeplens_test_thing"
 TOPIC = f"$aws/things/{THING}/infer"
@@ -84,7 +86,7 @@ class LambdaProcess:
 def lambda_env(tmp_path: Path, image_file: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("DEEPLENS_", "FAKE_", "AWS_"))}
     env.update(
-        PYTHONPATH=os.pathsep.join([str(FAKES), str(ROOT)]),
+        PYTHONPATH=product_pythonpath(str(FAKES)),
         FAKE_AWSCAM_VIDEO=str(image_file),
         FAKE_GREENGRASS_LOG=str(tmp_path / "greengrass.jsonl"),
         FAKE_MO_ARTIFACTS=str(tmp_path),

@@ -59,10 +59,12 @@ class SlowPublisher:
     def start(self) -> None:
         pass
 
-    def publish(self, topic: str, payload: bytes, important: bool = False) -> bool:
+    def wait_ready(self, timeout: float) -> bool:
+        return True
+
+    def publish(self, topic: str, payload: bytes) -> None:
         time.sleep(0.03)
         self.sent.append(payload)
-        return True
 
     def status(self) -> tuple[bool, str]:
         return True, "slow"
@@ -151,7 +153,7 @@ def test_stop_with_streams_fifo_reader_and_a_pending_iot_queue(tmp_path: Path) -
                 return len(stats["viewers"]) == 2 and stats["event_subscribers"] == 1 and \
                     stats["outputs"]["fifo"]["frames_written"] > 0
             wait_until(connected, "streams and the FIFO reader")
-        wait_until(lambda: iot.stats()["queue"] > 5, "a backlog behind the slow publisher")
+        wait_until(lambda: iot.backlog > 5, "a backlog behind the slow publisher")
         started = time.monotonic()
         server.stop(timeout=2.0)
         elapsed = time.monotonic() - started
@@ -162,7 +164,7 @@ def test_stop_with_streams_fifo_reader_and_a_pending_iot_queue(tmp_path: Path) -
     last = runtime.hub.latest()
     assert last is not None
     assert seqs_of(publisher.sent)[-1] == last.seq, "the last result was not published"
-    assert iot.stats()["dropped_queue"] > 0  # the older backlog made way for it, counted
+    assert iot.stats()["dropped_backlog"] > 0  # the older backlog made way for it, counted
     assert publisher.closed
     assert reader.eof.wait(5), "the FIFO was not closed"
     for w in watchers:

@@ -74,6 +74,9 @@ def health_report(runtime: Runtime, watch: ModelErrorWatch) -> dict[str, Any]:
         except Exception as exc:  # a broken health check is itself unhealthy, not a 500
             ok, message = False, f"health check failed: {exc}"
         outputs[output.name] = {"ok": ok, "message": message}
+        backlog = getattr(output, "backlog", None)
+        if backlog is not None:
+            outputs[output.name]["backlog"] = backlog
         if not ok:
             reasons.append(f"outputs: {output.name}: {message}")
 

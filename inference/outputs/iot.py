@@ -1,24 +1,25 @@
 """IotOutput: every inference on the IoT topic, as the seed's ``client.publish`` did, without ever
-holding up the loop.
+holding up the loop, and without losing messages to a short broker outage.
 
-Topic ``$aws/things/<thing>/infer``; payload by default exactly the seed's
-``json.dumps({label_name: prob, ...})``, one message per inference. The loop only hands each new
-hub item to a bounded queue (a hub listener: O(1), no I/O); the named thread ``iot-publisher``
-builds the payloads and sends them. When the publisher is slower than the loop the oldest items
-are dropped and counted.
+Topic ``--iot-topic`` (default the seed's ``$aws/things/<thing>/infer``); payload by default
+exactly the seed's ``json.dumps({label_name: prob, ...})``, one message per inference. The loop
+only hands each new hub item to a small queue (a hub listener: O(1), no I/O); the named thread
+``iot-publisher`` builds the payloads into an outbox and sends them in order. While the broker is
+away the outbox keeps up to ``--iot-queue`` messages (the oldest dropped first, counted) and they
+go out, in order, when it is back.
 
 A listener rather than ``hub.wait_newer``: a waiter scheduled late skips frames silently, while
 the seed's contract is one message per inference; with the listener every inference is either
 published, filtered (rate limit, on-change) or counted as dropped.
 
 Publishers (``--iot``): ``greengrass`` (``greengrasssdk.client('iot-data')``, only inside a
-Greengrass core), ``mqtt`` (paho-mqtt 2.x to any broker, TLS with a client certificate for AWS IoT
-Core), ``log`` (JSON lines) and ``off``. ``auto`` tries greengrass, then mqtt when ``--mqtt`` is
-given, else log.
+Greengrass core), ``mqtt`` (paho-mqtt 2.x to AWS IoT Core or any broker: TLS with a client
+certificate, ALPN for port 443, user and password), ``log`` (JSON lines) and ``off``. ``auto``
+tries greengrass, then mqtt when ``--mqtt`` is given, else log.
 
 MQTT availability goes to ``deeplens/<thing>/availability`` (retained ``online`` on connect, a
 retained last will ``offline``), not under ``$aws/``: AWS IoT Core reserves topics starting with
-``$aws`` for its own services and refuses arbitrary publishes (and retained messages) there.
+``$`` for its own services and refuses arbitrary publishes (and retained messages) there.
 """
 
 from __future__ import annotations
@@ -28,13 +29,16 @@ import json
 import logging
 import os
 import socket
+import ssl
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable
+
+from typing_extensions import Protocol
 
 from inference.affinity import serving_thread
 from inference.config import Settings
@@ -46,13 +50,14 @@ log = logging.getLogger(__name__)
 message_log = logging.getLogger("inference.iot.messages")
 
 MAX_MESSAGE_BYTES = 128 * 1024  # the AWS IoT message size limit
-OFFLINE_QUEUE = 32  # QoS 1 status messages paho keeps while disconnected
-QUEUE_SIZE = 64
+QUEUE_SIZE = 64  # inferences handed over by the loop and not yet turned into messages
+IN_FLIGHT = 20  # MQTT messages sent and not yet acknowledged (paho's own default window)
 RECENT_MESSAGES = 20
 ERROR_REPEAT_SECONDS = 60.0  # the same error goes out again at most this often
 SOURCE_NAME = "deeplens-dashboard"
-INFER_TOPIC = "$aws/things/{thing}/infer"
+DEFAULT_TOPIC = "$aws/things/{thing}/infer"
 AVAILABILITY_TOPIC = "deeplens/{thing}/availability"
+AWS_IOT_ALPN = "x-amzn-mqtt-ca"
 
 
 def resolve_thing_name(settings: Settings, env: Mapping[str, str] | None = None) -> str:
@@ -66,8 +71,8 @@ def resolve_thing_name(settings: Settings, env: Mapping[str, str] | None = None)
     return name
 
 
-def infer_topic(thing: str) -> str:
-    return INFER_TOPIC.format(thing=thing)
+def infer_topic(thing: str, template: str = DEFAULT_TOPIC) -> str:
+    return template.replace("{thing}", thing)
 
 
 def availability_topic(thing: str) -> str:
@@ -75,7 +80,7 @@ def availability_topic(thing: str) -> str:
 
 
 class PublishOffline(Exception):
-    """The publisher has no connection right now; the message is dropped, not an error."""
+    """The publisher cannot take a message now (no connection); the caller keeps it."""
 
 
 class Publisher(Protocol):
@@ -83,9 +88,13 @@ class Publisher(Protocol):
 
     def start(self) -> None: ...
 
-    def publish(self, topic: str, payload: bytes, important: bool = False) -> bool:
-        """Send one message: True when sent, False when queued until a connection is back
-        (``important`` messages only); raises PublishOffline when dropped for lack of one."""
+    def wait_ready(self, timeout: float) -> bool:
+        """True once a message can be handed over now; False after ``timeout``."""
+        ...
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        """Hand one message over. Raises PublishOffline when there is no connection (the
+        message was not taken); any other exception is a failed message."""
         ...
 
     def status(self) -> tuple[bool, str]: ...
@@ -94,7 +103,20 @@ class Publisher(Protocol):
 
 
 # -- publishers ----------------------------------------------------------------------------------
-class GreengrassPublisher:
+class _Immediate:
+    """A publisher that is always ready: every publish completes in the call."""
+
+    def start(self) -> None:
+        pass
+
+    def wait_ready(self, timeout: float) -> bool:
+        return True
+
+    def close(self, timeout: float = 2.0) -> None:
+        pass
+
+
+class GreengrassPublisher(_Immediate):
     """The seed's path: the Greengrass core's local IPC. Creating it outside a core raises
     ``ModuleNotFoundError: greengrass_common``, which ``make_publisher`` turns into a fallback."""
 
@@ -105,22 +127,15 @@ class GreengrassPublisher:
 
         self._client = greengrasssdk.client("iot-data")
 
-    def start(self) -> None:
-        pass
-
-    def publish(self, topic: str, payload: bytes, important: bool = False) -> bool:
+    def publish(self, topic: str, payload: bytes) -> None:
         # bytes: a str payload breaks the SDK's IPC call under Python 3.
         self._client.publish(topic=topic, payload=payload)
-        return True
 
     def status(self) -> tuple[bool, str]:
         return True, "Greengrass core IPC"
 
-    def close(self, timeout: float = 2.0) -> None:
-        pass
 
-
-class LogPublisher:
+class LogPublisher(_Immediate):
     """Each message as one JSON line on the ``inference.iot.messages`` logger.
 
     Asked for (``--iot log``) the lines come at INFO; as the quiet fallback of ``auto`` they come
@@ -132,44 +147,94 @@ class LogPublisher:
     def __init__(self, level: int = logging.INFO) -> None:
         self.level = level
 
-    def start(self) -> None:
-        pass
-
-    def publish(self, topic: str, payload: bytes, important: bool = False) -> bool:
+    def publish(self, topic: str, payload: bytes) -> None:
         text = payload.decode("utf-8", errors="replace")
-        message_log.log(
-            logging.INFO if important else self.level, "%s",
-            json.dumps({"topic": topic, "payload": text}),
-        )
-        return True
+        message_log.log(self.level, "%s", json.dumps({"topic": topic, "payload": text}))
 
     def status(self) -> tuple[bool, str]:
         return True, "JSON lines in the log"
 
-    def close(self, timeout: float = 2.0) -> None:
-        pass
 
-
-class NullPublisher:
+class NullPublisher(_Immediate):
     name = "off"
 
-    def start(self) -> None:
+    def publish(self, topic: str, payload: bytes) -> None:
         pass
-
-    def publish(self, topic: str, payload: bytes, important: bool = False) -> bool:
-        return True
 
     def status(self) -> tuple[bool, str]:
         return True, "off"
 
-    def close(self, timeout: float = 2.0) -> None:
-        pass
+
+@dataclass(frozen=True)
+class MqttTarget:
+    """Where and how to connect, from ``--mqtt`` and the options beside it."""
+
+    tls: bool
+    host: str
+    port: int
+    username: str = ""
+    password: str = ""
+
+    @property
+    def url(self) -> str:
+        """The broker without the login, fit for logs."""
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def parse_target(url: str, username: str = "", password: str = "") -> MqttTarget:
+    """``mqtt[s]://[USER[:PASSWORD]@]HOST[:PORT]``; ``username``/``password`` win over the URL's."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = -1
+    if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname or port == 0 or port == -1:
+        raise OutputError("--mqtt", "expected mqtt://[USER[:PASSWORD]@]HOST[:PORT] or mqtts://..., "
+                          f"got a {parts.scheme or 'schemeless'} URL")
+    tls = parts.scheme == "mqtts"
+    return MqttTarget(
+        tls=tls, host=parts.hostname, port=port or (8883 if tls else 1883),
+        username=username or urllib.parse.unquote(parts.username or ""),
+        password=password or urllib.parse.unquote(parts.password or ""),
+    )
+
+
+def alpn_protocols(setting: str, target: MqttTarget) -> list[str]:
+    """``--mqtt-alpn``: auto gives AWS IoT Core's ``x-amzn-mqtt-ca`` on port 443 (the only way it
+    accepts MQTT with a client certificate there), nothing elsewhere."""
+    if not target.tls or setting == "off":
+        return []
+    if setting == "auto":
+        return [AWS_IOT_ALPN] if target.port == 443 else []
+    return [p for p in setting.split(",") if p]
+
+
+def tls_context(ca: str, cert: str, key: str, alpn: list[str]) -> ssl.SSLContext:
+    for option, path in (("--mqtt-ca", ca), ("--mqtt-cert", cert), ("--mqtt-key", key)):
+        if path and not Path(path).is_file():
+            raise OutputError(option, f"file not found: {path}")
+    if bool(cert) != bool(key):
+        raise OutputError("--mqtt-cert", "--mqtt-cert and --mqtt-key go together")
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca or None)
+        if cert:
+            context.load_cert_chain(cert, key)
+    except (ssl.SSLError, OSError) as exc:  # bad PEM, a key that does not match
+        option = "--mqtt-cert" if cert else "--mqtt-ca"
+        raise OutputError(option, f"TLS set-up failed: {exc}") from None
+    if alpn:
+        context.set_alpn_protocols(alpn)
+    return context
 
 
 class MqttPublisher:
     """paho-mqtt 2.x in its own network thread (``loop_start``). ``connect_async`` makes a broker
-    that is down at start a non-event; paho reconnects with exponential backoff. Results go out
-    at QoS 0 (a stale inference is not worth a retry); availability at QoS 1, retained."""
+    that is down at start a non-event; paho reconnects with exponential backoff.
+
+    Messages go out at QoS 1: a message on the wire when the connection dies is sent again on
+    reconnect (paho keeps it), so an outage loses nothing that was handed over. At most
+    ``IN_FLIGHT`` wait for their acknowledgement; the output's outbox holds the rest, bounded.
+    Availability goes at QoS 1, retained."""
 
     name = "mqtt"
 
@@ -180,10 +245,12 @@ class MqttPublisher:
         ca: str = "",
         cert: str = "",
         key: str = "",
-        client_id: str | None = None,
+        client_id: str = "",
+        username: str = "",
+        password: str = "",
+        alpn: str = "auto",
         min_delay: int = 1,
         max_delay: int = 30,
-        send_timeout: float = 2.0,
         nice: int = 0,
     ) -> None:
         self.nice = nice  # added to paho's network thread's nice value, from its first callback
@@ -194,137 +261,151 @@ class MqttPublisher:
         except ImportError as exc:
             raise OutputError("--mqtt", f"needs the paho-mqtt package ({exc})") from None
         self._mqtt = mqtt
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
-            raise OutputError("--mqtt", f"expected mqtt://HOST[:PORT] or mqtts://HOST[:PORT], got {url!r}")
-        self.tls = parts.scheme == "mqtts"
-        self.host = parts.hostname
-        self.port = parts.port or (8883 if self.tls else 1883)
-        self.url = f"{parts.scheme}://{self.host}:{self.port}"
+        target = parse_target(url, username, password)
+        self.target = target
+        self.url = target.url
         self.availability = availability_topic(thing)
-        self.send_timeout = send_timeout
         # AWS IoT Core policies usually tie the client id to the thing name.
         self.client_id = client_id or thing
+        self.alpn = alpn_protocols(alpn, target)
         self._connected = threading.Event()
+        self._progress = threading.Event()  # an ack, a connect or a disconnect: look again
+        self._in_flight: list[Any] = []  # MQTTMessageInfo of messages not yet acknowledged
         self._started = False
         self._closing = False
         self._last_reason = "not connected yet"
+        self._refused: str | None = None  # the broker's reason while it refuses our login
+        self._logged: set[str] = set()  # outage and refusal lines already logged, once each
         self.connects = 0
         self.disconnects = 0
+        self.refusals = 0
+        self.handed = 0  # messages given to paho; acknowledged = handed - in flight
 
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id)
-        if self.tls:
-            for option, path in (("--mqtt-ca", ca), ("--mqtt-cert", cert), ("--mqtt-key", key)):
-                if path and not Path(path).is_file():
-                    raise OutputError(option, f"file not found: {path}")
-            if bool(cert) != bool(key):
-                raise OutputError("--mqtt-cert", "--mqtt-cert and --mqtt-key go together")
-            try:
-                client.tls_set(ca_certs=ca or None, certfile=cert or None, keyfile=key or None)
-            except Exception as exc:  # bad PEM, wrong key: ssl raises its own error types
-                option = "--mqtt-cert" if cert else "--mqtt-ca"
-                raise OutputError(option, f"TLS set-up failed: {exc}") from None
+        if target.tls:
+            client.tls_set_context(tls_context(ca, cert, key, self.alpn))
         elif ca or cert or key:
             log.warning("--mqtt-ca/--mqtt-cert/--mqtt-key are ignored for %s (use mqtts://)", self.url)
+        if target.username:
+            client.username_pw_set(target.username, target.password or None)
+        elif target.password:
+            raise OutputError("--mqtt-username", "a password needs a user name")
         client.will_set(self.availability, "offline", qos=1, retain=True)
         client.reconnect_delay_set(min_delay=min_delay, max_delay=max_delay)
-        client.max_queued_messages_set(OFFLINE_QUEUE)
+        client.max_inflight_messages_set(IN_FLIGHT)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
         self._client = client
-        self._unreachable_logged = False
 
     def _lower_network_thread(self) -> None:
         # Called on paho's network thread (its callbacks run there); it writes every message.
         if self.thread_nice is None:
             self.thread_nice = serving_thread(self.nice)
 
+    def _once(self, key: str, level: int, message: str, *args: object) -> None:
+        if key not in self._logged:
+            self._logged.add(key)
+            log.log(level, message, *args)
+
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         self._lower_network_thread()
+        self._progress.set()
         if getattr(reason, "is_failure", False):
-            self._last_reason = f"connection refused: {reason}"
-            log.warning("MQTT %s refused the connection: %s", self.url, reason)
+            self.refusals += 1
+            self._refused = str(reason)
+            self._last_reason = f"login refused: {reason}"
+            self._once(f"refused:{reason}", logging.WARNING,
+                       "MQTT %s refused the connection: %s (check --mqtt-username, the password, "
+                       "the client id %r and the broker's access rules); retrying with backoff",
+                       self.url, reason, self.client_id)
             return
         self.connects += 1
-        self._unreachable_logged = False
+        self._refused = None
+        self._logged.clear()
         self._connected.set()
         self._last_reason = "connected"
         client.publish(self.availability, "online", qos=1, retain=True)
-        log.info("MQTT connected to %s (availability on %s)", self.url, self.availability)
+        log.info("MQTT connected to %s as %r (availability on %s)", self.url, self.client_id,
+                 self.availability)
 
     def _on_connect_fail(self, client: Any, userdata: Any) -> None:
         self._lower_network_thread()
-        self._last_reason = "broker unreachable; retrying with backoff"
+        self._progress.set()
+        if self._refused is None:
+            self._last_reason = "broker unreachable; retrying with backoff"
         # Once per outage: a broker that stays away must not fill the log.
-        if not self._unreachable_logged:
-            self._unreachable_logged = True
-            log.warning("MQTT broker %s unreachable; retrying with backoff", self.url)
+        self._once("unreachable", logging.WARNING, "MQTT broker %s unreachable; retrying with backoff",
+                   self.url)
 
     def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any) -> None:
         was = self._connected.is_set()
         self._connected.clear()
+        self._progress.set()
         if self._closing:
             self._last_reason = "closed"
             log.info("MQTT disconnected from %s", self.url)
             return
+        if self._refused is not None:
+            return  # the refusal is the reason; paho's disconnect after it adds nothing
         self._last_reason = f"disconnected ({reason}); reconnecting"
         if was:
             self.disconnects += 1
             log.warning("MQTT connection to %s lost (%s); reconnecting with backoff", self.url, reason)
 
+    def _on_publish(self, client: Any, userdata: Any, mid: Any, reason: Any, properties: Any) -> None:
+        self._progress.set()
+
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    @property
+    def in_flight(self) -> int:
+        return sum(1 for info in tuple(self._in_flight) if not info.is_published())
+
+    @property
+    def acked(self) -> int:
+        return self.handed - self.in_flight
 
     def start(self) -> None:
         if self._started:
             return
         self._started = True
         self._closing = False
-        self._client.connect_async(self.host, self.port, keepalive=30)
+        self._client.connect_async(self.target.host, self.target.port, keepalive=30)
         self._client.loop_start()
-        log.info("MQTT publishing to %s as %r", self.url, self.client_id)
+        log.info("MQTT publishing to %s as %r%s", self.url, self.client_id,
+                 f" (ALPN {','.join(self.alpn)})" if self.alpn else "")
 
-    def publish(self, topic: str, payload: bytes, important: bool = False) -> bool:
+    def _prune(self) -> None:
+        self._in_flight = [info for info in self._in_flight if not info.is_published()]
+
+    def wait_ready(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while True:
+            self._progress.clear()
+            self._prune()
+            if self._connected.is_set() and len(self._in_flight) < IN_FLIGHT:
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            self._progress.wait(min(remaining, 0.5))
+
+    def publish(self, topic: str, payload: bytes) -> None:
         mqtt = self._mqtt
-        if important:
-            # Status lines ('Loading ... model', errors) at QoS 1: paho keeps them (bounded by
-            # max_queued_messages) while the broker is away and sends them on connect.
-            info = self._client.publish(topic, payload, qos=1)
-            if info.rc == mqtt.MQTT_ERR_NO_CONN:
-                return False
-        else:
-            if not self._connected.is_set():
-                raise PublishOffline(f"not connected to {self.url}")
-            info = self._client.publish(topic, payload, qos=0)
-        if info.rc == mqtt.MQTT_ERR_NO_CONN:
+        if not self._connected.is_set():
             raise PublishOffline(f"not connected to {self.url}")
-        if info.rc == mqtt.MQTT_ERR_QUEUE_SIZE:
-            raise PublishOffline(f"not connected to {self.url} and its offline queue is full")
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+        info = self._client.publish(topic, payload, qos=1)
+        if info.rc == mqtt.MQTT_ERR_NO_CONN:
+            # paho keeps a QoS 1 message it could not send and sends it on reconnect: it was taken.
+            pass
+        elif info.rc != mqtt.MQTT_ERR_SUCCESS:
             raise RuntimeError(f"MQTT publish failed: {mqtt.error_string(info.rc)}")
-        # Waiting for the socket write keeps paho's own outgoing buffer from growing without
-        # bound behind a slow link; the bounded queue in front of us absorbs the wait. A lost
-        # connection ends the wait early.
-        deadline = time.monotonic() + self.send_timeout
-        try:
-            while not info.is_published() and self._connected.is_set():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise RuntimeError(f"MQTT message not sent within {self.send_timeout:.0f} s")
-                info.wait_for_publish(min(0.1, remaining))
-        except (RuntimeError, ValueError) as exc:
-            if self._connected.is_set():
-                raise
-            if important:
-                return False
-            raise PublishOffline(f"connection to {self.url} lost: {exc}") from None
-        if not info.is_published():
-            if important:
-                return False  # paho still holds it for the next connection
-            raise PublishOffline(f"connection to {self.url} lost")
-        return True
+        self._in_flight.append(info)
+        self.handed += 1
 
     def status(self) -> tuple[bool, str]:
         if self._connected.is_set():
@@ -335,25 +416,43 @@ class MqttPublisher:
         if not self._started:
             return
         self._started = False
-        self._closing = True  # our own disconnect is not a lost connection: no warning
+        deadline = time.monotonic() + timeout
         if self._connected.is_set():
+            # What was handed over gets its chance to be acknowledged before we go.
+            while self._in_flight and self._connected.is_set() and time.monotonic() < deadline - timeout / 2:
+                self.wait_ready(0.05)
             # A clean disconnect suppresses the last will: say offline ourselves.
             info = self._client.publish(self.availability, "offline", qos=1, retain=True)
             try:
-                info.wait_for_publish(timeout / 2)
+                info.wait_for_publish(max(0.0, min(timeout / 4, deadline - time.monotonic())))
             except (RuntimeError, ValueError):
                 pass
+        self._closing = True  # our own disconnect is not a lost connection: no warning
         self._client.disconnect()
         # loop_stop joins paho's thread without a timeout; a connect stuck on a dead network
         # must not hold up shutdown, so the join happens beside us, bounded.
         stopper = threading.Thread(target=self._client.loop_stop, name="mqtt-stop", daemon=True)
         stopper.start()
-        stopper.join(timeout / 2)
+        stopper.join(max(0.1, deadline - time.monotonic()))
         self._connected.clear()
+
+
+def read_password(settings: Settings) -> str:
+    """``--mqtt-password``, else the first line of ``--mqtt-password-file``."""
+    if settings.mqtt_password or not settings.mqtt_password_file:
+        return settings.mqtt_password
+    path = settings.mqtt_password_file
+    try:
+        with open(path, encoding="utf-8") as file:
+            return file.readline().rstrip("\r\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OutputError("--mqtt-password-file", f"cannot read {path}: {exc}") from None
 
 
 def make_publisher(settings: Settings, thing: str) -> Publisher:
     """The publisher ``--iot`` asks for; ``auto`` falls back from greengrass with a log line."""
+    from inference.config import redact_url
+
     mode = settings.iot
     if mode == "off":
         return NullPublisher()
@@ -366,14 +465,17 @@ def make_publisher(settings: Settings, thing: str) -> Publisher:
                 raise OutputError("--iot", f"greengrass needs a Greengrass core ({reason})") from None
             log.info(
                 "IoT: not inside a Greengrass core (%s); publishing %s instead", reason,
-                f"to MQTT {settings.mqtt}" if settings.mqtt
+                f"to MQTT {redact_url(settings.mqtt)}" if settings.mqtt
                 else "to the log at debug level (give --mqtt URL for a broker)",
             )
     if mode == "mqtt" or (mode == "auto" and settings.mqtt):
         if not settings.mqtt:
             raise OutputError("--mqtt", "--iot mqtt needs a broker: --mqtt mqtt://HOST[:PORT]")
-        return MqttPublisher(settings.mqtt, thing, settings.mqtt_ca, settings.mqtt_cert,
-                             settings.mqtt_key, nice=settings.serving_nice)
+        return MqttPublisher(
+            settings.mqtt, thing, settings.mqtt_ca, settings.mqtt_cert, settings.mqtt_key,
+            client_id=settings.mqtt_client_id, username=settings.mqtt_username,
+            password=read_password(settings), alpn=settings.mqtt_alpn, nice=settings.serving_nice,
+        )
     return LogPublisher(logging.INFO if mode == "log" else logging.DEBUG)
 
 
@@ -383,6 +485,12 @@ class _Job:
     item: Published | None = None  # an inference to publish
     text: str | None = None  # or a status line, as the seed's 'Loading ... model'
     error: str | None = None  # or an error, sent as the seed's 'Error in ...: <error>'
+
+
+@dataclass(frozen=True)
+class _Message:
+    payload: bytes
+    status: bool  # a status line or an error rather than an inference
 
 
 class IotOutput:
@@ -401,8 +509,9 @@ class IotOutput:
         self._clock = clock  # the rate limit's clock; tests pass their own
         self.publisher = publisher
         self.thing = thing or resolve_thing_name(settings)
-        self.topic = infer_topic(self.thing)
+        self.topic = infer_topic(self.thing, settings.iot_topic)
         self.queue_size = queue_size
+        self.backlog_size = settings.iot_queue
         self._model_name = settings.model
         self.nice = settings.serving_nice  # added to the publisher thread's nice value
         self.thread_nice: int | None = None
@@ -411,6 +520,8 @@ class IotOutput:
         self._on_change = settings.iot_on_change
         self._cond = threading.Condition()
         self._queue: collections.deque[_Job] = collections.deque()
+        # Messages made and not yet handed to the publisher: the backlog of an outage.
+        self._outbox: collections.deque[_Message] = collections.deque()
         self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_MESSAGES)
         self._stop = threading.Event()
         self._drain_until = 0.0
@@ -424,8 +535,7 @@ class IotOutput:
         self._last_ok = True
         self.sent = 0
         self.dropped_queue = 0
-        self.dropped_offline = 0
-        self.queued_offline = 0
+        self.dropped_backlog = 0
         self.errors = 0
         self.refused_too_large = 0
         self.skipped_rate = 0
@@ -448,8 +558,8 @@ class IotOutput:
         log.info("IoT: publishing to %s via %s", self.topic, self.publisher.name)
 
     def stop(self, timeout: float = 2.0) -> None:
-        """Stop within ``timeout``, sending what is queued first: the status lines and the latest
-        result (older queued results are dropped and counted, so the last one always has time)."""
+        """Stop within ``timeout``, sending the status lines and the latest result first (older
+        results still waiting are dropped and counted, so the last one always has time)."""
         self.hub.remove_listener(self._on_hub)
         with self._cond:
             self._drain_until = time.monotonic() + timeout / 2 * 0.9
@@ -466,23 +576,34 @@ class IotOutput:
             thread.join(timeout / 2)
             if thread.is_alive():
                 log.warning("IoT publisher still busy after %.1f s (a blocking publish?)", timeout / 2)
+        with self._cond:
+            unsent = len(self._outbox)
+        if unsent:
+            log.warning("IoT: %d messages not sent at stop (%s)", unsent, self.publisher.status()[1])
         self.publisher.close(timeout / 2)
 
     def health(self) -> tuple[bool, str]:
         ok, description = self.publisher.status()
+        backlog = self.backlog
+        waiting = f" ({backlog} messages waiting, {self.dropped_backlog} dropped)" if backlog else ""
         if not ok:
-            return False, f"{self.publisher.name}: {description}"
+            return False, f"{self.publisher.name}: {description}{waiting}"
         if not self._last_ok and self.last_error:
             return False, f"{self.publisher.name}: last publish failed: {self.last_error}"
         return True, (
             f"{self.publisher.name} -> {self.topic}: {self.sent} sent, "
-            f"{self.dropped_queue + self.dropped_offline} dropped, {self.errors} errors"
+            f"{self.dropped_queue + self.dropped_backlog} dropped, {self.errors} errors{waiting}"
         )
+
+    @property
+    def backlog(self) -> int:
+        return len(self._outbox)
 
     def stats(self) -> dict[str, Any]:
         ok, description = self.publisher.status()
+        publisher = self.publisher
         return {
-            "publisher": self.publisher.name,
+            "publisher": publisher.name,
             "topic": self.topic,
             "thing": self.thing,
             "connected": ok,
@@ -491,10 +612,13 @@ class IotOutput:
             "max_rate": self._max_rate,
             "on_change": self._on_change,
             "sent": self.sent,
+            "acknowledged": getattr(publisher, "acked", self.sent),
+            "in_flight": getattr(publisher, "in_flight", 0),
             "status_messages": self.status_messages,
+            "backlog": self.backlog,
+            "backlog_size": self.backlog_size,
+            "dropped_backlog": self.dropped_backlog,
             "dropped_queue": self.dropped_queue,
-            "dropped_offline": self.dropped_offline,
-            "queued_offline": self.queued_offline,
             "errors": self.errors,
             "refused_too_large": self.refused_too_large,
             "skipped_rate": self.skipped_rate,
@@ -503,7 +627,7 @@ class IotOutput:
             "queue_size": self.queue_size,
             "last_error": self.last_error,
             "thread_nice": self.thread_nice,
-            "network_thread_nice": getattr(self.publisher, "thread_nice", None),
+            "network_thread_nice": getattr(publisher, "thread_nice", None),
         }
 
     def apply(self, settings: Settings) -> None:
@@ -555,29 +679,84 @@ class IotOutput:
         while True:
             with self._cond:
                 if not self._queue and not stop.is_set():
-                    self._cond.wait(0.5)
-                if stop.is_set() and (not self._queue or time.monotonic() > self._drain_until):
-                    return  # drained, or out of time
-                job = self._queue.popleft() if self._queue else None
-            if job is None:
-                continue
+                    # With a backlog, look at the connection again soon; else wait for work.
+                    self._cond.wait(0.1 if self._outbox else 0.5)
+                if stop.is_set() and time.monotonic() > self._drain_until:
+                    return  # out of time: stop() counts what is left
+                jobs = list(self._queue)
+                self._queue.clear()
+            for job in jobs:
+                try:
+                    self._make(job)
+                except Exception as exc:  # nothing a message does may end the publisher
+                    self.errors += 1
+                    self.last_error = str(exc) or type(exc).__name__
+                    log.exception("IoT publisher error")
+            trimmed = stop.is_set()
+            if trimmed:
+                self._keep_the_latest_result()
+            self._flush(stop, trimmed)
+            if stop.is_set() and not self._queue and not self._outbox:
+                return  # drained
+
+    def _flush(self, stop: threading.Event, trimmed: bool) -> None:
+        """Hand the outbox to the publisher in order while it takes messages; back to the run
+        loop for new work, and at stop for the trim first."""
+        while self._outbox:
+            if stop.is_set() and (not trimmed or time.monotonic() > self._drain_until):
+                return
+            if not self.publisher.wait_ready(0.05):
+                return  # no connection, or the window is full: the run loop comes back
+            with self._cond:
+                if self._queue:
+                    return  # new work first: its messages join the outbox behind these
+                message = self._outbox[0]
             try:
-                if job.item is not None:
-                    self._handle(job.item)
-                elif job.text is not None:
-                    self._send(job.text.encode("utf-8"), status=True)
-                elif job.error is not None:
-                    self._report_error(job.error)
-            except Exception as exc:  # nothing a message does may end the publisher
+                self.publisher.publish(self.topic, message.payload)
+            except PublishOffline:
+                return  # kept at the head; the next pass tries again
+            except Exception as exc:  # InvocationException, socket errors: counted, logged, survived
+                self._take_head(message)
                 self.errors += 1
-                self.last_error = str(exc) or type(exc).__name__
-                log.exception("IoT publisher error")
+                self._last_ok = False
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self._rl(logging.WARNING, "IoT publish via %s failed: %s", self.publisher.name,
+                         self.last_error, key="publish-error")
+                self._remember(message.payload, f"error: {self.last_error}")
+                continue
+            self._take_head(message)
+            self._last_ok = True
+            self.sent += 1
+            self._remember(message.payload, "sent")
+
+    def _keep_the_latest_result(self) -> None:
+        """At stop: the status lines and the newest result, in order, so the topic ends on the
+        last state within the stop's time; older results still waiting are dropped, counted."""
+        with self._cond:
+            results = [m for m in self._outbox if not m.status]
+            if len(results) > 1:
+                last = results[-1]
+                self._outbox = collections.deque(m for m in self._outbox if m.status or m is last)
+                self.dropped_backlog += len(results) - 1
+
+    def _take_head(self, message: _Message) -> None:
+        with self._cond:
+            if self._outbox and self._outbox[0] is message:
+                self._outbox.popleft()
+
+    def _make(self, job: _Job) -> None:
+        if job.item is not None:
+            self._handle(job.item)
+        elif job.text is not None:
+            self._enqueue(job.text.encode("utf-8"), status=True)
+        elif job.error is not None:
+            self._report_error(job.error)
 
     def _handle(self, item: Published) -> None:
         result = item.result
         if result.model is not None and result.model.name != self._announced_model:
             self._announced_model = result.model.name
-            self._send(f"{result.model.name} model loaded".encode(), status=True)
+            self._enqueue(f"{result.model.name} model loaded".encode(), status=True)
         if result.error:
             # No inference happened (model not loaded, model error, no frame): say so the seed's
             # way, once per distinct error and then at most every ERROR_REPEAT_SECONDS.
@@ -593,8 +772,8 @@ class IotOutput:
             self.skipped_rate += 1
             return
         body = result.to_json() if self._payload_mode == "rich" else payload
-        self._last_sent = now
-        if self._send(json.dumps(body).encode("utf-8")):
+        if self._enqueue(json.dumps(body).encode("utf-8")):
+            self._last_sent = now
             self._last_labels = labels
 
     def _report_error(self, error: str) -> None:
@@ -604,9 +783,9 @@ class IotOutput:
         if len(self._error_sent) > 100:
             self._error_sent.clear()
         self._error_sent[error] = now
-        self._send(f"Error in {SOURCE_NAME}: {error}".encode(), status=True)
+        self._enqueue(f"Error in {SOURCE_NAME}: {error}".encode(), status=True)
 
-    def _send(self, payload: bytes, status: bool = False) -> bool:
+    def _enqueue(self, payload: bytes, status: bool = False) -> bool:
         if status:
             self.status_messages += 1
         if len(payload) > MAX_MESSAGE_BYTES:
@@ -615,27 +794,14 @@ class IotOutput:
             self._rl(logging.WARNING, "IoT message %s", outcome, key="too-large")
             self._remember(payload, outcome)
             return False
-        try:
-            sent_now = self.publisher.publish(self.topic, payload, important=status)
-        except PublishOffline as exc:
-            self.dropped_offline += 1
-            self._remember(payload, f"dropped: {exc}")
-            return False
-        except Exception as exc:  # InvocationException, socket errors: counted, logged, survived
-            self.errors += 1
-            self._last_ok = False
-            self.last_error = f"{type(exc).__name__}: {exc}"
-            self._rl(logging.WARNING, "IoT publish via %s failed: %s", self.publisher.name,
-                     self.last_error, key="publish-error")
-            self._remember(payload, f"error: {self.last_error}")
-            return False
-        self._last_ok = True
-        if not sent_now:
-            self.queued_offline += 1
-            self._remember(payload, "queued until connected")
-            return True
-        self.sent += 1
-        self._remember(payload, "sent")
+        with self._cond:
+            if len(self._outbox) >= self.backlog_size:
+                dropped = self._outbox.popleft()
+                self.dropped_backlog += 1
+                self._rl(logging.WARNING, "IoT backlog full (%d messages, %s): dropping the oldest",
+                         self.backlog_size, self.publisher.status()[1], key="backlog-full")
+                self._remember(dropped.payload, "dropped: the backlog was full")
+            self._outbox.append(_Message(payload, status))
         return True
 
     def _remember(self, payload: bytes, outcome: str) -> None:
