@@ -1,44 +1,36 @@
 """The Greengrass long-lived Lambda: handler ``lambda_main.lambda_handler``.
 
-As the seed's ``infinite_infer_run()``, importing this module starts everything: the inference
-loop on the DeepLens camera (``awscam``) and the device's model, the project-stream FIFO, the IoT
-topic and, beyond the seed, the dashboard. The handler itself does nothing.
+As the seed's ``infinite_infer_run()``, importing this module starts everything (the service on
+the DeepLens camera and model, with the FIFO, the IoT topic and the dashboard); the handler does
+nothing. Unlike the seed, nothing at start ends the function: a bad setting, an output that
+cannot work or a model that does not load is logged, published as the seed's ``Error in ...``
+message and shown on the dashboard, and the rest runs. SIGTERM stops it all within 2 s.
 
-Unlike the seed, a failure at start (a missing model artifact, an ``mo.optimize`` error, a bad
-setting) does not end the function: it is logged and published on the IoT topic as the seed's
-``Error in ...`` message, and the dashboard comes up showing it. Import returns once the server
-is bound; its non-daemon thread keeps the process alive, and SIGTERM stops it all cleanly.
-
-Settings come from ``DEEPLENS_*`` environment variables (the Lambda's environment in the console)
-and, with ``DEEPLENS_CONFIG``, a TOML file (a relative path may name a file shipped in the zip).
+Settings come from ``DEEPLENS_*`` environment variables and, with ``DEEPLENS_CONFIG``, a TOML
+file (a relative path may name a file shipped in the zip).
 """
 
 from __future__ import annotations
 
-# The device's cv2 is linked against libraries awscam loads: awscam must be imported first.
-try:
-    import awscam  # noqa: F401
-except ImportError:  # off the device: a video file, webcam or the demo stands in
-    AWSCAM = False
-else:
-    AWSCAM = True
+from inference.sources.awscam import awscam_available, preload_awscam
 
-import logging
-import os
-import signal
-import sys
-import threading
-import time
-from pathlib import Path
-from types import FrameType
-from typing import TYPE_CHECKING, Any
+preload_awscam()  # the device's cv2 is linked against libraries awscam loads: awscam first
 
-from inference.config import SettingError, Settings, from_env, from_file
-from inference.runtime import Runtime, build_runtime
+import logging  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+import threading  # noqa: E402
+import time  # noqa: E402
+from pathlib import Path  # noqa: E402
+from types import FrameType  # noqa: E402
+from typing import Any, Dict, List, Optional  # noqa: E402
 
-if TYPE_CHECKING:
-    from app.server import ServerThread
-    from inference.outputs.iot import IotOutput
+from inference.models.catalog import DEVICE_DEFAULT_MODEL  # noqa: E402
+from inference.outputs.base import OutputError  # noqa: E402
+from inference.service import Service  # noqa: E402
+from inference.settings import ConfigError, Settings  # noqa: E402
+from inference.workers import FunctionWorker  # noqa: E402
 
 log = logging.getLogger("lambda_main")
 
@@ -51,160 +43,105 @@ def lambda_handler(event: Any, context: Any) -> None:
     return None
 
 
-class Service:
-    """What the import started; ``stop()`` ends it (SIGTERM does so within STOP_SECONDS)."""
+def load_settings(env: Dict[str, str], errors: List[str]) -> Settings:
+    """The device's defaults, the config file, then the env vars; a bad value is dropped (and
+    noted in ``errors``) so the function comes up on the rest."""
+    base = {"source": "awscam", "model": DEVICE_DEFAULT_MODEL} if awscam_available() else {}
+    config = env.pop("DEEPLENS_CONFIG", "")
+    if config:
+        beside = Path(__file__).resolve().parent / config
+        config = config if Path(config).is_absolute() or not beside.is_file() else str(beside)
+    while True:  # bounded: each pass drops one bad variable or the file
+        try:
+            return Settings.load(env=env, file=config, base=base)
+        except ConfigError as exc:
+            errors.append(str(exc))
+            log.error("%s; using the default", exc)
+            if exc.origin == "env" and exc.env in env:
+                env.pop(exc.env)
+            else:
+                config = ""
+
+
+def build_service(settings: Settings, errors: List[str]) -> Service:
+    """The service with its outputs; an output that cannot work is turned off, noted."""
+    for _ in range(3):
+        try:
+            return Service.build(settings)
+        except OutputError as exc:
+            errors.append(str(exc))
+            log.error("%s", exc)
+            off = {"fifo": "off"} if exc.option == "--fifo" else {"iot": "off"}
+            settings = settings.replace(**off)
+    return Service(settings)
+
+
+def _wait_for_stop(stop: threading.Event) -> None:
+    stop.wait()
+
+
+class Function:
+    """What the import started; :meth:`stop` ends it (SIGTERM does so within STOP_SECONDS)."""
 
     def __init__(self) -> None:
-        self.settings = Settings()
-        self.runtime: Runtime | None = None
-        self.server: ServerThread | None = None
-        self.errors: list[str] = []
-        self._stopped = threading.Event()
-        self._keepalive: threading.Thread | None = None
+        self.errors: List[str] = []
+        self.settings = load_settings(dict(os.environ), self.errors)
+        self.service = build_service(self.settings, self.errors)
+        self.server: Any = None
+        self.keepalive: Optional[FunctionWorker] = None
+        self.stopped = threading.Event()
 
-    # -- start -----------------------------------------------------------------------------------
     def start(self) -> None:
-        self.settings = self._settings()
-        runtime = self._runtime()
-        self.runtime = runtime
-        for message in self.errors:
-            self._publish_error(message)
-        iot = self.iot
+        service = self.service
+        iot = service.iot
         if iot is not None:
             iot.announce_loading()
-        # strict=False: a model that cannot load is kept as an error shown on every frame (and
-        # on /health) instead of ending the function as the seed did.
-        try:
-            runtime.prepare(strict=False)
-        except Exception as exc:  # prepare(strict=False) only raises on a bug; still come up
-            log.exception("preparing the runtime failed")
-            self._publish_error(str(exc))
-        load_error = runtime.loop.stats.model_load_error
-        if load_error:
+        service.prepare(strict=False)
+        if service.loop.stats.model_load_error:
             # The loop's own wording, so the frames' identical error is not published twice.
-            self._publish_error(f"model not loaded: {load_error}")
-        self._serve(runtime)
-
-    def _publish_error(self, message: str) -> None:
-        iot = self.iot
-        if iot is not None:
-            iot.report_error(message)
-
-    def _settings(self) -> Settings:
-        base = Settings()
-        if AWSCAM:
-            from inference.models import DEVICE_DEFAULT_MODEL
-
-            base = base.replace(source="awscam", model=DEVICE_DEFAULT_MODEL)
-        env = dict(os.environ)
-        config = env.pop("DEEPLENS_CONFIG", "")
-        if config:
-            # A TOML file shipped in the zip may be named relative to this module.
-            beside = Path(__file__).resolve().parent / config
-            path = config if Path(config).is_absolute() or not beside.is_file() else str(beside)
-            try:
-                base = from_file(path, base)
-            except SettingError as exc:
-                self.errors.append(exc.message)
-                log.error("%s; the file is ignored", exc.message)
-        while True:  # bounded: each pass removes one bad variable
-            try:
-                return from_env(base, env)
-            except SettingError as exc:
-                # No CLI to exit 2 from: log it, publish it, and run on the default instead.
-                self.errors.append(exc.message)
-                log.error("%s; using the default", exc.message)
-                env.pop("DEEPLENS_" + exc.field.upper(), None)
-
-    def _runtime(self) -> Runtime:
-        from inference.outputs import OutputError
-
-        settings = self.settings
-        for _ in range(3):
-            try:
-                return build_runtime(settings)
-            except OutputError as exc:
-                self.errors.append(str(exc))
-                log.error("%s", exc)
-                if exc.option == "--fifo":
-                    settings = settings.replace(fifo="off")
-                elif settings.iot not in ("auto", "off") or settings.mqtt:
-                    settings = settings.replace(iot="auto", mqtt="")
-                else:
-                    settings = settings.replace(iot="off")
-        self.settings = settings
-        return build_runtime(settings.replace(fifo="off", iot="off"))
-
-    def _serve(self, runtime: Runtime) -> None:
+            self.errors.append(f"model not loaded: {service.loop.stats.model_load_error}")
+        for message in self.errors:
+            if iot is not None:
+                iot.report_error(message)
+        service.start()
         try:
             from app.server import run_in_thread
 
-            self.server = run_in_thread(runtime, self.settings)
-            return
+            self.server = run_in_thread(service)
         except Exception as exc:  # port taken, a broken app: keep the loop, FIFO and IoT going
-            message = f"dashboard not served: {exc}"
-            self.errors.append(message)
-            log.exception("%s", message)
-            self._publish_error(message)
-        runtime.start()
-        # Without the server's thread nothing would keep the process up between invocations.
-        self._keepalive = threading.Thread(target=self.wait, name="lambda-keepalive", daemon=False)
-        self._keepalive.start()
+            log.exception("dashboard not served: %s", exc)
+            if iot is not None:
+                iot.report_error(f"dashboard not served: {exc}")
+            # Without the server's thread nothing would keep the process up between invocations.
+            self.keepalive = FunctionWorker("lambda-keepalive", _wait_for_stop, daemon=False)
+            self.keepalive.start()
 
     def wait(self) -> None:
         """Block until stopped (``python lambda_main.py`` runs this way, off Greengrass)."""
-        while not self._stopped.wait(1.0):
+        while not self.stopped.wait(1.0):
             pass
 
-    @property
-    def stopped(self) -> bool:
-        return self._stopped.is_set()
-
-    @property
-    def iot(self) -> IotOutput | None:
-        from inference.outputs.iot import IotOutput
-
-        runtime = self.runtime
-        if runtime is None:
-            return None
-        return next((o for o in runtime.outputs if isinstance(o, IotOutput)), None)
-
-    # -- stop ------------------------------------------------------------------------------------
-    def stop(self, timeout: float = STOP_SECONDS) -> None:
-        if self._stopped.is_set():
+    def stop(self) -> None:
+        if self.stopped.is_set():
             return
-        self._stopped.set()
-        deadline = time.monotonic() + timeout
+        self.stopped.set()
+        deadline = time.monotonic() + STOP_SECONDS
         if self.server is not None:
-            try:
-                # ServerThread.stop may add a second for a forced exit: keep within the budget.
-                self.server.stop(timeout * 0.3)
-            except Exception:
-                log.exception("stopping the dashboard server failed")
-        if self.runtime is not None:
-            # The app's lifespan stops the runtime too; stopping twice is harmless.
-            self.runtime.stop(max(0.2, deadline - time.monotonic()))
+            self.server.stop(deadline)
+        if self.keepalive is not None:
+            self.keepalive.stop(deadline)
+        self.service.stop(deadline)
         log.info("%s stopped", FUNCTION)
 
 
-def _setup_logging(level: str) -> None:
-    root = logging.getLogger()
-    if not root.handlers:  # Greengrass collects stdout/stderr into the function's log
-        logging.basicConfig(
-            level=getattr(logging, level.upper(), logging.INFO),
-            format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-            stream=sys.stderr,
-        )
-
-
-def _install_sigterm(service: Service) -> None:
+def _install_sigterm(function: Function) -> None:
     if threading.current_thread() is not threading.main_thread():
         return  # signal handlers can only be set from the main thread
     previous = signal.getsignal(signal.SIGTERM)
 
-    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+    def on_sigterm(signum: int, frame: Optional[FrameType]) -> None:
         log.info("SIGTERM: stopping")
-        service.stop()
+        function.stop()
         if not threading.main_thread().is_alive():
             return  # the interpreter is exiting, held only by our threads, now stopped
         # The main thread still runs something (the Greengrass runtime's own loop): hand the
@@ -217,12 +154,15 @@ def _install_sigterm(service: Service) -> None:
     signal.signal(signal.SIGTERM, on_sigterm)
 
 
-def main() -> Service:
-    _setup_logging(os.environ.get("DEEPLENS_LOG_LEVEL", "info"))
-    service = Service()
-    _install_sigterm(service)
-    service.start()
-    return service
+def main() -> Function:
+    if not logging.getLogger().handlers:  # Greengrass collects stderr into the function's log
+        logging.basicConfig(
+            level=getattr(logging, os.environ.get("DEEPLENS_LOG_LEVEL", "info").upper(), logging.INFO),
+            format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    function = Function()
+    _install_sigterm(function)
+    function.start()
+    return function
 
 
 SERVICE = main()

@@ -1,9 +1,9 @@
 """Fan-out of the hub's frames and results to HTTP viewers, on the event loop.
 
 The hub's listener hands each new sequence number to the event loop (``call_soon_threadsafe``);
-viewers await an ``asyncio.Event`` for it, so a waiting viewer holds no thread. A frame is encoded
-at most once per resolution: the first viewer to want ``(seq, res)`` starts one encode in the
-encoder pool and every other viewer awaits the same future. With no viewer nothing is encoded.
+viewers await an ``asyncio.Event`` for it, so a waiting viewer holds no thread. The first viewer
+to want a frame at a resolution hands the encode to a few serving threads (the hub encodes it,
+once) and every other viewer awaits the same future. With no viewer nothing is encoded.
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Optional, Tuple, TypeVar
 
-from inference.affinity import serving_thread
-from inference.hub import Encoded, FrameHub, Published, effective_res
+from inference.pipeline.frames import Frame, FrameHub
+from inference.workers import FunctionWorker
 
 log = logging.getLogger(__name__)
 
@@ -30,38 +30,6 @@ T = TypeVar("T")
 TICK = 0.25  # how late a waiter may notice a deadline or the shutdown
 ENCODER_THREADS = 2  # a few resolutions in flight at once; the hub serializes each resolution
 FPS_WINDOW = 2.0
-
-
-@dataclass(frozen=True)
-class SharedFrame:
-    """The hub's encode of a frame plus its ready-made multipart part, shared by every viewer."""
-
-    encoded: Encoded
-    part: bytes
-
-    @property
-    def seq(self) -> int:
-        return self.encoded.seq
-
-    @property
-    def timestamp(self) -> float:
-        return self.encoded.timestamp
-
-    @property
-    def jpeg(self) -> bytes:
-        return self.encoded.jpeg
-
-
-def make_part(seq: int, timestamp: float, jpeg: bytes) -> bytes:
-    head = (
-        "--frame\r\n"
-        "Content-Type: image/jpeg\r\n"
-        f"Content-Length: {len(jpeg)}\r\n"
-        f"X-Frame-Seq: {seq}\r\n"
-        f"X-Timestamp: {timestamp:.6f}\r\n"
-        "\r\n"
-    ).encode()
-    return head + jpeg + b"\r\n"
 
 
 def _settle(future: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
@@ -100,22 +68,6 @@ def release_memory() -> None:
     trim(0)
 
 
-def _post_all(waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[T]]],
-              result: T | None, error: BaseException | None) -> None:
-    """Settle every future, with one wake-up per event loop rather than one per future."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[asyncio.Future[T]]] = {}
-    for loop, future in waiters:
-        by_loop.setdefault(loop, []).append(future)
-    for loop, futures in by_loop.items():
-        _call_soon(loop, _settle_all, futures, result, error)
-
-
-def _settle_all(futures: list[asyncio.Future[T]], result: T | None,
-                error: BaseException | None) -> None:
-    for future in futures:
-        _settle(future, result, error)
-
-
 async def call_in_thread(name: str, fn: Callable[..., T], *args: Any) -> T:
     """``fn(*args)`` in a fresh named thread, awaited without blocking the event loop.
 
@@ -139,84 +91,47 @@ async def call_in_thread(name: str, fn: Callable[..., T], *args: Any) -> T:
     return await future
 
 
-@dataclass
-class _Pending:
-    """The encode one resolution waits for: the newest frame asked for, and everyone awaiting it."""
-
-    item: Published
-    waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Future[SharedFrame]]]
+_Job = Tuple[str, Frame, asyncio.AbstractEventLoop, "asyncio.Future[Frame]"]
 
 
-class Encoder:
-    """A few named threads that JPEG-encode on request; owned and stopped by the Broadcaster.
-
-    Requests coalesce per resolution: while one waits for a thread, a newer frame asked for at the
-    same resolution takes its place and every waiter gets that newer encode. An encoder that falls
-    behind (it runs at ``--serving-nice``, so it does whenever the CPU is busy) then skips to the
-    newest frame instead of encoding a queue of stale ones, and keeps at most one frame per
-    resolution alive for it rather than one per request: the soak's churn measured several MB of
-    extra high-water RSS from those queued frames.
-    """
+class _Encoders:
+    """A few named serving threads that run the hub's encodes for the event loop."""
 
     def __init__(self, hub: FrameHub, threads: int = ENCODER_THREADS, nice: int = 0) -> None:
         self.hub = hub
-        self.nice = nice  # added to each encoder thread's nice value (--serving-nice)
-        self.thread_nice: dict[str, int | None] = {}
-        self.coalesced = 0  # requests answered by a newer frame's encode
-        self._lock = threading.Lock()
-        self._pending: dict[str, _Pending] = {}
-        self._jobs: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        self._threads = [
-            threading.Thread(target=self._run, name=f"jpeg-encode-{i}", daemon=True)
-            for i in range(threads)
-        ]
-        for thread in self._threads:
-            thread.start()
+        self._jobs: queue.SimpleQueue[Optional[_Job]] = queue.SimpleQueue()
+        self.workers = [FunctionWorker(f"jpeg-encode-{i}", self._run, serving=True, nice=nice)
+                        for i in range(threads)]
+        for worker in self.workers:
+            worker.start()
 
-    def submit(self, item: Published, res: str) -> asyncio.Future[SharedFrame]:
-        """A future for ``item`` at ``res``, or for a newer frame if one is asked for meanwhile."""
+    def submit(self, res: str, frame: Frame) -> asyncio.Future[Frame]:
         loop = asyncio.get_running_loop()
-        future: asyncio.Future[SharedFrame] = loop.create_future()
-        with self._lock:
-            pending = self._pending.get(res)
-            if pending is None:
-                self._pending[res] = _Pending(item, [(loop, future)])
-                self._jobs.put(res)
-            else:
-                if item.seq > pending.item.seq:
-                    pending.item = item
-                pending.waiters.append((loop, future))
-                self.coalesced += 1
+        future: asyncio.Future[Frame] = loop.create_future()
+        self._jobs.put((res, frame, loop, future))
         return future
 
-    def _run(self) -> None:
-        self.thread_nice[threading.current_thread().name] = serving_thread(self.nice)
-        while True:
-            res = self._jobs.get()
-            if res is None:
+    def _run(self, stopping: threading.Event) -> None:
+        while not stopping.is_set():
+            job = self._jobs.get()
+            if job is None:
                 return
-            with self._lock:
-                pending = self._pending.pop(res)
+            res, frame, loop, future = job
+            del job  # an idle thread must not keep the last frame alive
             try:
-                frame = self._encode(pending.item, res)
+                encoded = self.hub.encode(res, frame)
             except Exception as exc:
-                _post_all(pending.waiters, None, exc)
+                _post(loop, future, None, exc)
             else:
-                _post_all(pending.waiters, frame, None)
-            del pending  # a thread idle in get() must not keep the last frame alive
+                _post(loop, future, encoded, None)
+            del frame, encoded
 
-    def _encode(self, item: Published, res: str) -> SharedFrame:
-        encoded = self.hub.jpeg(res, item)
-        if encoded is None:  # unreachable with an item given, but keep the type honest
-            raise RuntimeError("no frame to encode")
-        return SharedFrame(encoded, make_part(encoded.seq, encoded.timestamp, encoded.jpeg))
-
-    def stop(self, timeout: float = 1.0) -> None:
-        for _ in self._threads:
+    def stop(self, deadline: float) -> None:
+        for worker in self.workers:
+            worker.signal_stop()
             self._jobs.put(None)
-        deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        for worker in self.workers:
+            worker.join(deadline)
 
 
 class _Rate:
@@ -296,10 +211,9 @@ class Broadcaster:
         self._waiting = 0  # coroutines in wait_newer; none: a new frame wakes nobody
         self._closed = False
         self._ticker: asyncio.Task[None] | None = None
-        self._frames: collections.OrderedDict[tuple[int, str], asyncio.Future[SharedFrame]] = (
-            collections.OrderedDict()
-        )
-        self._encoder: Encoder | None = None
+        # The newest encode asked for at each resolution: viewers who want it share its future.
+        self._pending: dict[str, tuple[int, asyncio.Future[Frame]]] = {}
+        self._encoders: _Encoders | None = None
         self._ids = itertools.count(1)
         self.viewers: dict[int, Viewer] = {}
         self.subscribers: dict[int, Viewer] = {}
@@ -311,14 +225,14 @@ class Broadcaster:
 
     # -- wiring ----------------------------------------------------------------------------------
     def attach(self) -> None:
-        self._encoder = Encoder(self.hub, nice=self._nice)
+        self._encoders = _Encoders(self.hub, nice=self._nice)
         self.hub.add_listener(self._listener)
         self._ticker = self._loop.create_task(self._tick())
 
-    def detach(self) -> None:
+    def detach(self, deadline: float) -> None:
         self.hub.remove_listener(self._listener)
-        if self._encoder is not None:
-            self._encoder.stop()
+        if self._encoders is not None:
+            self._encoders.stop(deadline)
 
     def close(self) -> None:
         """End every stream: waiters wake and see ``closed``. Runs on the event loop."""
@@ -332,13 +246,9 @@ class Broadcaster:
         return self._closed
 
     @property
-    def coalesced(self) -> int:
-        """Encode requests answered by a newer frame's encode: the encoders were behind."""
-        return self._encoder.coalesced if self._encoder is not None else 0
-
-    @property
     def encoder_nice(self) -> dict[str, int | None]:
-        return dict(self._encoder.thread_nice) if self._encoder is not None else {}
+        workers = self._encoders.workers if self._encoders is not None else []
+        return {w.name: w.thread_nice for w in workers}
 
     def _listener(self, seq: int) -> None:
         # The inference thread calls this after each publish: hand off, never block it.
@@ -390,28 +300,28 @@ class Broadcaster:
         return False
 
     # -- encoding --------------------------------------------------------------------------------
-    async def frame(self, item: Published, res: str) -> SharedFrame:
-        """``item`` as JPEG at ``res``: one encode in the pool, awaited by everyone who asks."""
-        key = (item.seq, effective_res(item, res))
-        future = self._frames.get(key)
-        if future is None:
-            if self._encoder is None:
-                raise RuntimeError("the broadcaster is not attached")
-            future = self._encoder.submit(item, key[1])
-            self._frames[key] = future
-            self._prune(item.seq)
+    async def encoded(self, frame: Frame, res: str) -> Frame:
+        """A frame at least as new as ``frame`` with its JPEG at ``res``: one encode, in the
+        encoder threads, awaited by everyone who asks."""
+        res = frame.effective_res(res)
+        if frame.jpeg(res) is not None:
+            return frame
+        if self._encoders is None:
+            raise RuntimeError("the broadcaster is not attached")
+        pending = self._pending.get(res)
+        if pending is None or pending[0] < frame.seq:
+            future = self._encoders.submit(res, frame)
+            self._pending[res] = (frame.seq, future)
+            future.add_done_callback(lambda done: self._forget(res, done))
+        else:
+            future = pending[1]
         # shield: a viewer leaving mid-encode must not cancel the frame the others await.
         return await asyncio.shield(future)
 
-    def _prune(self, seq: int) -> None:
-        # Keep the last few frames: a viewer may still be awaiting the previous one.
-        while self._frames:
-            (old_seq, _), future = next(iter(self._frames.items()))
-            if old_seq >= seq - 2 or not future.done():
-                break
-            self._frames.popitem(last=False)
-        while len(self._frames) > 64:
-            self._frames.popitem(last=False)
+    def _forget(self, res: str, future: asyncio.Future[Frame]) -> None:
+        pending = self._pending.get(res)
+        if pending is not None and pending[1] is future:
+            del self._pending[res]
 
     # -- viewers ---------------------------------------------------------------------------------
     def add_viewer(self, client: str, res: str, fps_cap: float | None, limit: int,

@@ -1,7 +1,9 @@
-"""``deeplens-dashboard``: serve the dashboard (default), run headless, or build the Lambda zip.
+"""``deeplens-dashboard``: serve the dashboard (the default), run headless, or package it.
 
-Every option has an env var (``DEEPLENS_<OPTION>``); a bad value exits with code 2 naming the
-option; a model or labels file that cannot load is refused at start naming the path.
+The options are generated from the settings model (:mod:`inference.settings`): one flag per
+setting, its environment variable ``DEEPLENS_<OPTION>`` and a TOML file (``--config``) below
+both. This module owns every exit code: 0 done, 1 could not start (the port is taken), 2 a bad
+value (the message names the option, or the env var, or the file's line), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -9,50 +11,93 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import time
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
 
 from inference.sources.awscam import preload_awscam
 
 preload_awscam()  # before any import of cv2 (the device's cv2 needs awscam loaded first)
 
-from inference.config import SettingError, Settings, add_arguments, from_args  # noqa: E402
-from inference.loop import InferenceLoop  # noqa: E402
-from inference.models import with_model_defaults  # noqa: E402
+from typing_extensions import get_args  # noqa: E402
+
+from inference.settings import (  # noqa: E402
+    ENV_PREFIX,
+    GROUPS,
+    ConfigError,
+    Settings,
+    field_group,
+    field_metavar,
+)
 
 log = logging.getLogger("app")
 
 COMMANDS = ("serve", "infer", "package-lambda")
-EXIT_USAGE = 2
-EXIT_START = 1
+EXIT_OK, EXIT_START, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(Exception):
+    """A setting that cannot work, found at start; the message starts with the option."""
+
+
+# -- the command line ----------------------------------------------------------------------------
+def _parsers() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentParser]]:
+    top = argparse.ArgumentParser(
+        prog="deeplens-dashboard", allow_abbrev=False,
+        description="Camera inference with a live dashboard, the DeepLens project-stream FIFO and "
+        "IoT results. With no command it serves the dashboard on 0.0.0.0:8080.",
+    )
+    sub = top.add_subparsers(dest="command", metavar="COMMAND")
+    serve = sub.add_parser("serve", allow_abbrev=False,
+                           help="run the loop and serve the dashboard (the default)")
+    add_settings_arguments(serve, GROUPS)
+    infer = sub.add_parser(
+        "infer", allow_abbrev=False, help="run the loop headless and print one JSON line per frame",
+        description="Run the loop without a server; print one JSON line per frame: the seed's "
+        "{label: prob} payload and the full result.")
+    infer.add_argument("--frames", type=_positive_int, default=10,
+                       help="frames to process before exiting (default 10)")
+    add_settings_arguments(infer, ("pipeline",))
+    package = sub.add_parser("package-lambda", allow_abbrev=False,
+                             help="build the Greengrass Lambda deployment zip")
+    package.add_argument("-o", "--output", required=True, help="zip file to write")
+    return top, {"serve": serve, "infer": infer, "package-lambda": package}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    return _build()[0]
+    return _parsers()[0]
 
 
-def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser]]:
-    parser = argparse.ArgumentParser(
-        prog="deeplens-dashboard",
-        description="Camera inference with a live dashboard, the DeepLens project-stream FIFO and "
-        "IoT results. With no command it serves the dashboard on 0.0.0.0:8080.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    serve = sub.add_parser("serve", help="run the loop and serve the dashboard (the default)")
-    add_arguments(serve, ("pipeline", "server", "outputs"))
-    infer = sub.add_parser(
-        "infer", help="run the loop headless and print one JSON line per frame",
-        description="Run the loop without a server; print one JSON line per frame: the seed's "
-        "{label: prob} payload and the full result.",
-    )
-    infer.add_argument("--frames", type=_positive_int, default=10,
-                       help="frames to process before exiting (default 10)")
-    add_arguments(infer, ("pipeline",))
-    package = sub.add_parser("package-lambda", help="build the Greengrass Lambda deployment zip")
-    package.add_argument("-o", "--output", required=True, help="zip file to write")
-    return parser, {"serve": serve, "infer": infer, "package-lambda": package}
+def add_settings_arguments(parser: argparse.ArgumentParser, groups: Sequence[str]) -> None:
+    """One flag per setting of ``groups``; unset flags stay None so the env and file show."""
+    parser.add_argument("--config", metavar="FILE", default=None,
+                        help=f"TOML file of option = value lines, below env vars and flags "
+                        f"(env {ENV_PREFIX}CONFIG)")
+    defaults = Settings().model_dump()
+    for group_name in groups:
+        group = parser.add_argument_group(group_name)
+        for name, info in Settings.model_fields.items():
+            if field_group(name) != group_name:
+                continue
+            choices = [c for c in get_args(info.annotation) if isinstance(c, str) and c]
+            metavar = field_metavar(name) or ("{" + ",".join(choices) + "}" if choices else None)
+            default = defaults[name]
+            shown = "" if default in ("", None, {}) else f" [default: {_show(default)}]"
+            group.add_argument(
+                "--" + name.replace("_", "-"), dest=name, default=None, metavar=metavar,
+                help=f"{info.description}{shown} (env {ENV_PREFIX}{name.upper()})".replace("%", "%%"),
+            )
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, (list, tuple)):
+        return "x".join(str(v) for v in value)
+    return str(value)
 
 
 def _positive_int(text: str) -> int:
@@ -65,11 +110,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _normalise_argv(argv: Sequence[str]) -> list[str]:
-    args = list(argv)
-    if not args or (args[0] not in COMMANDS and args[0] not in ("-h", "--help")):
-        args.insert(0, "serve")
-    return args
+def settings_from(args: argparse.Namespace, env: Optional[Dict[str, str]] = None) -> Settings:
+    """The config file, then env vars, then flags; raises ConfigError naming the option."""
+    env = dict(os.environ) if env is None else env
+    flags = {name: getattr(args, name) for name in Settings.model_fields
+             if getattr(args, name, None) is not None}
+    config = getattr(args, "config", None) or env.get(ENV_PREFIX + "CONFIG", "")
+    return Settings.load(flags=flags, env=env, file=config)
 
 
 def setup_logging(level: str = "info") -> None:
@@ -80,9 +127,12 @@ def setup_logging(level: str = "info") -> None:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    top, commands = _build()
-    args = top.parse_args(_normalise_argv(sys.argv[1:] if argv is None else argv))
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    top, commands = _parsers()
+    args_list = list(sys.argv[1:] if argv is None else argv)
+    if not args_list or (args_list[0] not in COMMANDS and args_list[0] not in ("-h", "--help")):
+        args_list.insert(0, "serve")
+    args = top.parse_args(args_list)
     parser = commands[args.command]
     if args.command == "package-lambda":
         from app.package import build_lambda_zip
@@ -90,22 +140,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging()
         return build_lambda_zip(args.output)
     try:
-        settings = with_model_defaults(from_args(args))
-    except SettingError as exc:
-        parser.error(exc.message)  # exits with 2, as argparse does for its own errors
-    setup_logging(settings.log_level)
-    if args.command == "infer":
-        return run_infer(settings, args.frames, parser)
-    from app.server import serve
+        settings = settings_from(args)
+        setup_logging(settings.log_level)
+        if args.command == "infer":
+            return run_infer(settings, args.frames)
+        return run_serve(settings)
+    except (ConfigError, UsageError) as exc:
+        parser.error(str(exc))  # exits with 2, as argparse does for its own errors
+    return EXIT_USAGE  # not reached: parser.error exits
 
-    return int(serve(settings, parser))
 
-
-def check_start(settings: Settings, parser: argparse.ArgumentParser) -> None:
-    """Refuse at start what cannot work: an unknown source, an unreadable file or image set.
-
-    A camera or stream that is down at start is not refused: the loop retries until it is back.
-    """
+# -- start-up checks -----------------------------------------------------------------------------
+def check_source(settings: Settings) -> None:
+    """Refuse what cannot work: an unknown source, an unreadable file or image set. A camera or
+    stream that is down at start is not refused: the loop retries until it is back."""
     from inference.sources import SourceSpecError, default_source, make_source
     from inference.sources.images import ImagesSource
     from inference.sources.video import VideoSource
@@ -116,47 +164,106 @@ def check_start(settings: Settings, parser: argparse.ArgumentParser) -> None:
                              settings.slide_interval)
         if isinstance(source, ImagesSource) or (isinstance(source, VideoSource) and not source.live):
             source.open()
-            if isinstance(source, VideoSource) and source.read() is None:
-                raise SourceError(f"{source.name!r} holds no decodable frame")
-            source.close()
+            try:
+                if isinstance(source, VideoSource) and source.read() is None:
+                    raise SourceError(f"{source.name!r} holds no decodable frame")
+            finally:
+                source.close()
     except (SourceSpecError, SourceError) as exc:
-        parser.error(f"--source: {exc}")
+        raise UsageError(f"--source: {exc}") from None
 
 
-def prepare(loop: InferenceLoop, parser: argparse.ArgumentParser) -> None:
-    """Load the model and build the source, or exit 2 naming the option and the path."""
+def check_tls(settings: Settings) -> None:
+    """Refuse a TLS option that cannot work, naming it (uvicorn would fail later)."""
+    import ssl
+
+    if settings.ssl_keyfile and not settings.ssl_certfile:
+        raise UsageError("--ssl-keyfile: give --ssl-certfile too")
+    if not settings.ssl_certfile:
+        return
+    for option, path in (("--ssl-certfile", settings.ssl_certfile),
+                         ("--ssl-keyfile", settings.ssl_keyfile)):
+        if path and not Path(path).is_file():
+            raise UsageError(f"{option}: file not found: {path}")
+    try:
+        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
+            settings.ssl_certfile, settings.ssl_keyfile or None)
+    except (ssl.SSLError, OSError) as exc:
+        raise UsageError(f"--ssl-certfile: cannot use {settings.ssl_certfile}: {exc}") from None
+
+
+def prepared_service(settings: Settings, outputs: bool = True) -> Any:
+    """The service with its model loaded and source built, or UsageError naming the option."""
+    from inference.outputs.base import OutputError
+    from inference.service import Service
     from inference.types import ModelError, SourceError
 
+    check_source(settings)
     try:
-        loop.prepare(strict=True)
+        service = Service.build(settings) if outputs else Service(settings)
+        service.prepare(strict=True)
+    except OutputError as exc:
+        raise UsageError(str(exc)) from None
     except ModelError as exc:
-        parser.error(f"{exc.option}: {exc}")
+        raise UsageError(f"{exc.option}: {exc}") from None
     except SourceError as exc:
-        parser.error(f"--source: {exc}")
+        raise UsageError(f"--source: {exc}") from None
+    return service
 
 
-def run_infer(settings: Settings, frames: int, parser: argparse.ArgumentParser) -> int:
-    check_start(settings, parser)
-    loop = InferenceLoop(settings)
-    prepare(loop, parser)
-    loop.start()
-    seen = 0
-    last_seq = 0
-    deadline_idle = 30.0
+# -- the commands --------------------------------------------------------------------------------
+def run_serve(settings: Settings) -> int:
+    """Serve until Ctrl-C or SIGTERM: 0; 1 if the port is taken or the server cannot start."""
+    from app.server import bind_socket, create_server, log_urls
+
+    try:
+        # Before loading anything: a port in use should not cost a model load to find out.
+        sock = bind_socket(settings.host, settings.port)
+    except OSError as exc:
+        log.error("cannot listen: %s", exc.strerror or exc)
+        return EXIT_START
+    service = None
+    server = None
+    try:
+        check_tls(settings)
+        service = prepared_service(settings)
+        server = create_server(service)
+        port, token = int(sock.getsockname()[1]), server.app.state.token
+        server.on_started = lambda: log_urls(settings, port, token, generated=not settings.token)
+        service.start()
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # Ctrl-C while loading, or a second one during shutdown
+        return EXIT_INTERRUPTED if server is None or not server.started else EXIT_OK
+    finally:
+        if service is not None:
+            service.stop(time.monotonic() + 2.0)
+        sock.close()
+    return EXIT_OK if server is not None and server.started else EXIT_START
+
+
+def run_infer(settings: Settings, frames: int) -> int:
+    """One JSON line per frame on stdout; 1 when no frame came for 30 s."""
+    service = prepared_service(settings, outputs=False)
+    service.start()
+    seen = last_seq = 0
+    idle = 30.0
     try:
         while seen < frames:
-            item = loop.hub.wait_newer(last_seq, timeout=deadline_idle)
-            if item is None:
-                log.error("no frame for %.0f s; giving up", deadline_idle)
+            frame = service.hub.wait_newer(last_seq, timeout=idle)
+            if frame is None:
+                log.error("no frame for %.0f s; giving up", idle)
                 return EXIT_START
-            last_seq = item.seq
-            result = item.result
-            line: dict[str, Any] = {"payload": result.payload(), "result": result.to_json()}
+            last_seq = frame.seq
+            line: Dict[str, Any] = {"payload": frame.result.payload(), "result": frame.result.to_json()}
             sys.stdout.write(json.dumps(line) + "\n")
             sys.stdout.flush()
             seen += 1
     except KeyboardInterrupt:
         pass
     finally:
-        loop.close()
-    return 0
+        service.stop()
+    return EXIT_OK
+
+
+__all__: List[str] = ["EXIT_OK", "EXIT_START", "EXIT_USAGE", "UsageError", "build_parser", "main",
+                      "settings_from"]

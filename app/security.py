@@ -16,18 +16,13 @@ from urllib.parse import urlsplit
 
 from fastapi import HTTPException, Request
 
-from inference.config import Settings
-
 COOKIE_NAME = "deeplens_session"
 _COOKIE_CONTEXT = b"deeplens-dashboard control cookie v1"
 _TOKEN_IN_TEXT = re.compile(r"(token=)[^&\s\"']+", re.IGNORECASE)
 
 
-def ensure_token(settings: Settings) -> Settings:
-    """``settings`` with a control token: the given one, or a fresh random one."""
-    if settings.token:
-        return settings
-    return settings.replace(token=secrets.token_urlsafe(24))
+def new_token() -> str:
+    return secrets.token_urlsafe(24)
 
 
 def cookie_value(token: str) -> str:
@@ -39,7 +34,7 @@ def _same(a: str, b: str) -> bool:
 
 
 def token_of(request: Request) -> str:
-    return str(request.app.state.settings.token)
+    return str(request.app.state.token)
 
 
 def bearer_ok(request: Request, token: str) -> bool:
@@ -98,7 +93,7 @@ async def require_control(request: Request) -> None:
 async def require_view(request: Request) -> None:
     """Dependency of the read-only views: open unless --protect-views (then ?token= works too,
     for <img> tags, ffmpeg and curl)."""
-    if not request.app.state.settings.protect_views:
+    if not request.app.state.service.settings.protect_views:
         return
     if not authorized(request, allow_query=True):
         raise HTTPException(

@@ -1,4 +1,4 @@
-"""Serving the app with uvicorn: from the CLI (main thread) or from the Greengrass Lambda (a thread).
+"""Serving the app with uvicorn: in the CLI's main thread or in a thread (the Greengrass Lambda).
 
 We bind the listening socket ourselves so a port in use is a clear error before anything starts,
 and a server thread can report "bound" to its caller. Open MJPEG/SSE streams never end on their
@@ -8,7 +8,6 @@ end its streams as the first step of shutting down.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import errno
 import logging
@@ -17,31 +16,26 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Generator
-from pathlib import Path
 from types import FrameType
+from typing import Optional
 
 import uvicorn
 from fastapi import FastAPI
 
 from app.main import begin_shutdown, create_app
-from app.security import RedactTokens, ensure_token
-from inference.config import Settings
-from inference.outputs import OutputError
-from inference.runtime import Runtime, build_runtime
+from app.security import RedactTokens
+from inference.service import Service
+from inference.settings import Settings
 
 log = logging.getLogger("app")
 
-EXIT_OK = 0
-EXIT_START = 1
-EXIT_INTERRUPTED = 130
 SEND_BUFFER = 256 * 1024
 # uvicorn cancels whatever request task is still running after this many seconds of shutdown;
 # our streams end well before (they watch the shutdown), this only bounds a stuck handler.
 GRACEFUL_SECONDS = 1
 
-__all__ = [
-    "DashboardServer", "ServerThread", "create_server", "ensure_token", "run_in_thread", "serve",
-]
+__all__ = ["DashboardServer", "PortInUseError", "ServerThread", "bind_socket", "create_server",
+           "log_urls", "run_in_thread"]
 
 
 class PortInUseError(OSError):
@@ -106,13 +100,13 @@ def _uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     )
 
 
-def create_server(runtime: Runtime, settings: Settings) -> DashboardServer:
-    settings = ensure_token(settings)
+def create_server(service: Service) -> DashboardServer:
+    """The uvicorn server of ``service``'s dashboard; its token is ``server.app.state.token``."""
     access = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, RedactTokens) for f in access.filters):
         access.addFilter(RedactTokens())
-    app = create_app(runtime, settings)
-    return DashboardServer(_uvicorn_config(app, settings), app)
+    app = create_app(service)
+    return DashboardServer(_uvicorn_config(app, service.settings), app)
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -192,27 +186,29 @@ class ServerThread:
             self._error = exc
             log.error("dashboard server stopped with an error: %r", exc)
 
-    def stop(self, timeout: float = 2.0) -> None:
+    def stop(self, deadline: Optional[float] = None) -> None:
+        """Stop serving by ``deadline`` (default in 2 s): gracefully, then by force for the
+        last 0.3 s."""
+        deadline = time.monotonic() + 2.0 if deadline is None else deadline
         thread = self._thread
         self.server.should_exit = True
         if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
+            thread.join(max(0.0, deadline - 0.3 - time.monotonic()))
             if thread.is_alive():
                 self.server.force_exit = True
-                thread.join(1.0)
+                thread.join(max(0.1, deadline - time.monotonic()))
                 if thread.is_alive():
                     log.warning("dashboard server thread still running after stop")
         if self._sock is not None:
             self._sock.close()
 
 
-def run_in_thread(runtime: Runtime, settings: Settings) -> ServerThread:
+def run_in_thread(service: Service) -> ServerThread:
     """Serve in a background thread (the Greengrass Lambda); returns once the port is bound."""
-    generated = not settings.token
-    settings = ensure_token(settings)
-    thread = ServerThread(create_server(runtime, settings))
+    thread = ServerThread(create_server(service))
     thread.start()
-    log_urls(settings, thread.port, generated)
+    log_urls(service.settings, thread.port, thread.server.app.state.token,
+             generated=not service.settings.token)
     return thread
 
 
@@ -246,71 +242,11 @@ def dashboard_urls(settings: Settings, port: int) -> list[str]:
     return [f"{_scheme(settings)}://{h if ':' not in h else f'[{h}]'}:{port}/" for h in hosts]
 
 
-def log_urls(settings: Settings, port: int, generated: bool = True) -> None:
+def log_urls(settings: Settings, port: int, token: str, generated: bool = True) -> None:
     urls = dashboard_urls(settings, port)
     log.info("dashboard: %s", "  ".join(urls))
     if generated:
         # The one place the token is ever written out, as Jupyter does.
-        log.info("control (opens with the control token): %s?token=%s", urls[0], settings.token)
+        log.info("control (opens with the control token): %s?token=%s", urls[0], token)
     else:
         log.info("control: open %s?token=<your --token> once in the browser", urls[0])
-
-
-def serve(settings: Settings, parser: argparse.ArgumentParser) -> int:
-    """The CLI: prepare or exit 2 naming the option; serve until Ctrl-C/SIGTERM; 1 if the port is taken."""
-    from app.cli import check_start, prepare
-
-    generated = not settings.token
-    settings = ensure_token(settings)
-    try:
-        # Before loading anything: a port in use should not cost a model load to find out.
-        sock = bind_socket(settings.host, settings.port)
-    except OSError as exc:
-        log.error("cannot listen: %s", exc.strerror or exc)
-        return EXIT_START
-    runtime: Runtime | None = None
-    server: DashboardServer | None = None
-    try:
-        check_tls(settings, parser)
-        check_start(settings, parser)
-        try:
-            runtime = build_runtime(settings)
-        except OutputError as exc:
-            parser.error(str(exc))  # the message starts with the option to blame
-        prepare(runtime.loop, parser)
-        server = create_server(runtime, settings)
-        port = int(sock.getsockname()[1])
-        server.on_started = lambda: log_urls(settings, port, generated)
-        server.run(sockets=[sock])
-    except KeyboardInterrupt:  # Ctrl-C while loading, or a second one during shutdown
-        return EXIT_INTERRUPTED if server is None or not server.started else EXIT_OK
-    except SystemExit as exc:
-        if runtime is None or exc.code == 2:
-            raise  # parser.error: usage exit
-        # uvicorn exits this way when the lifespan fails to start
-        log.error("the dashboard could not start")
-        return int(exc.code) if isinstance(exc.code, int) else EXIT_START
-    finally:
-        if runtime is not None:
-            runtime.stop()
-        sock.close()
-    return EXIT_OK if server is not None and server.started else EXIT_START
-
-
-def check_tls(settings: Settings, parser: argparse.ArgumentParser) -> None:
-    """Refuse at start a TLS option that cannot work, naming it (uvicorn would raise later)."""
-    import ssl
-
-    if settings.ssl_keyfile and not settings.ssl_certfile:
-        parser.error("--ssl-keyfile: give --ssl-certfile too")
-    if not settings.ssl_certfile:
-        return
-    for option, path in (("--ssl-certfile", settings.ssl_certfile), ("--ssl-keyfile", settings.ssl_keyfile)):
-        if path and not Path(path).is_file():
-            parser.error(f"{option}: file not found: {path}")
-    try:
-        ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(
-            settings.ssl_certfile, settings.ssl_keyfile or None
-        )
-    except (ssl.SSLError, OSError) as exc:
-        parser.error(f"--ssl-certfile: cannot use {settings.ssl_certfile}: {exc}")

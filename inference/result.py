@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from inference.types import ModelInfo, Parsed
 
 STAGES: tuple[str, ...] = ("capture", "preprocess", "inference", "postprocess", "overlay")
@@ -40,7 +38,7 @@ class Result:
     model: ModelInfo | None
     frame_size: tuple[int, int]
     items: tuple[Item, ...] = ()
-    # The parseResult form; a classification list cut to its first top_k (parse.parse_first).
+    # The parseResult form; a classification list cut to its first top_k (Model.parse_top).
     parsed: Parsed = field(default_factory=dict, repr=False)
     timings_ms: dict[str, float] = field(default_factory=dict)
     fps: float = 0.0
@@ -72,13 +70,3 @@ class Result:
             "error": self.error,
         }
 
-
-def parsed_to_json(parsed: Parsed) -> dict[str, Any]:
-    """The parse as JSON: a segmentation class map becomes its shape and class ids."""
-    out: dict[str, Any] = {}
-    for key, value in parsed.items():
-        if isinstance(value, np.ndarray):
-            out[key] = {"shape": list(value.shape), "classes": np.unique(value).tolist()}
-        else:
-            out[key] = value
-    return out

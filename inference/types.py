@@ -42,9 +42,8 @@ class ModelInfo:
     input_height: int
     backend: str
     labels: Mapping[int, str] = field(default_factory=dict, repr=False, compare=False)
-
-    def label_name(self, label: int) -> str:
-        return self.labels.get(label, str(label))
+    gpu: bool = False  # runs on the device's GPU: its loop mostly waits
+    threads: int = 1  # intra-op threads on the CPU (0: one per core)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -65,6 +64,10 @@ class FrameSource(Protocol):
 
     def read(self) -> Image | None: ...
 
+    def ready(self) -> bool:
+        """A read now would return without waiting (the loop, not the source, sets the pace)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -79,5 +82,10 @@ class Model(Protocol):
     def infer(self, inputs: Any) -> RawOutputs: ...
 
     def parse(self, raw: RawOutputs) -> Parsed: ...
+
+    def parse_top(self, raw: RawOutputs, limit: int) -> Parsed:
+        """``parse`` with a classification list cut to its first ``limit`` entries, all the
+        loop keeps (the seed keeps ``[0:num_top_k]`` too); a model may build only those."""
+        ...
 
     def close(self) -> None: ...

@@ -1,4 +1,4 @@
-"""One router per concern; helpers they share to reach the app's objects and answer in JSON."""
+"""One router per concern, and how they answer in JSON."""
 
 from __future__ import annotations
 
@@ -6,11 +6,7 @@ import json
 import math
 from typing import Any
 
-from fastapi import HTTPException, Request
 from fastapi.responses import JSONResponse
-
-from app.broadcast import Broadcaster
-from inference.runtime import Runtime
 
 
 class PrettyJSONResponse(JSONResponse):
@@ -34,28 +30,9 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def runtime_of(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime
-
-
-def broadcaster_of(request: Request) -> Broadcaster:
-    broadcaster: Broadcaster | None = getattr(request.app.state, "broadcaster", None)
-    if broadcaster is None or broadcaster.closed:
-        raise HTTPException(503, "the dashboard is starting or shutting down")
-    return broadcaster
-
-
 def field_error(field: str, message: str, status: int = 422) -> PrettyJSONResponse:
     """The shape FastAPI uses for its own validation errors, naming one body field."""
     loc: list[str] = ["body", field] if field else ["body"]
     return PrettyJSONResponse(
         {"detail": [{"loc": loc, "msg": message, "type": "value_error"}]}, status_code=status
-    )
-
-
-def query_error(field: str, message: str) -> PrettyJSONResponse:
-    return PrettyJSONResponse(
-        {"detail": [{"loc": ["query", field], "msg": message, "type": "value_error"}]},
-        status_code=422,
     )

@@ -6,14 +6,14 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from app.broadcast import Broadcaster
-from app.routes import PrettyJSONResponse, runtime_of
-from app.security import require_view
-from inference.runtime import Runtime
+from app.deps import ServiceDep, ViewDep
+from app.routes import PrettyJSONResponse
+from inference.service import Service
 
 router = APIRouter(tags=["health"])
 
@@ -25,37 +25,23 @@ def _broadcaster(request: Request) -> Broadcaster | None:
     return getattr(request.app.state, "broadcaster", None)
 
 
-class ModelErrorWatch:
-    """Remembers when the model error count last grew, so /health reports recent errors only."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.changed = 0.0
-
-    def recent(self, count: int) -> bool:
-        now = time.monotonic()
-        if count != self.count:
-            self.count, self.changed = count, now
-        return count > 0 and now - self.changed < MODEL_ERROR_WINDOW
-
-
-def health_report(runtime: Runtime, watch: ModelErrorWatch) -> dict[str, Any]:
-    loop = runtime.loop
+def health_report(service: Service) -> dict[str, Any]:
+    loop, capture = service.loop, service.capture
     stats = loop.stats
     state = loop.state.value
     reasons: list[str] = []
 
-    camera: dict[str, Any] = {"ok": True, "consecutive_failures": stats.consecutive_failures,
-                              "last_error": stats.last_capture_error}
-    if stats.consecutive_failures:
+    camera: dict[str, Any] = {"ok": True, "consecutive_failures": capture.consecutive_failures,
+                              "last_error": capture.last_error}
+    if capture.consecutive_failures:
         camera["ok"] = False
-        reasons.append(f"camera: {stats.last_capture_error or 'no frame'} "
-                       f"({stats.consecutive_failures} failed reads in a row)")
+        reasons.append(f"camera: {capture.last_error or 'no frame'} "
+                       f"({capture.consecutive_failures} failed reads in a row)")
     elif state == "running" and stats.last_frame_time:
-        age = time.time() - stats.last_frame_time
-        if age > STALL_SECONDS:
+        stalled = time.time() - stats.last_frame_time
+        if stalled > STALL_SECONDS:
             camera["ok"] = False
-            reasons.append(f"camera: no frame for {age:.0f} s")
+            reasons.append(f"camera: no frame for {stalled:.0f} s")
 
     model_info = loop.model.info.to_json() if loop.model else None
     model: dict[str, Any] = {"ok": True, "model": model_info, "errors": stats.model_errors,
@@ -63,20 +49,23 @@ def health_report(runtime: Runtime, watch: ModelErrorWatch) -> dict[str, Any]:
     if stats.model_load_error or loop.model is None:
         model["ok"] = False
         reasons.append(f"model: not loaded: {stats.model_load_error or 'no model'}")
-    elif watch.recent(stats.model_errors):
-        model["ok"] = False
-        reasons.append(f"model: errors in the last {MODEL_ERROR_WINDOW:.0f} s: {stats.last_model_error}")
+    else:
+        age = stats.model_error_age()
+        if age is not None and age < MODEL_ERROR_WINDOW:
+            model["ok"] = False
+            reasons.append(f"model: errors in the last {MODEL_ERROR_WINDOW:.0f} s: "
+                           f"{stats.last_model_error}")
 
     outputs: dict[str, Any] = {}
-    for output in runtime.outputs:
+    for output in service.outputs:
         try:
             ok, message = output.health()
         except Exception as exc:  # a broken health check is itself unhealthy, not a 500
             ok, message = False, f"health check failed: {exc}"
         outputs[output.name] = {"ok": ok, "message": message}
-        backlog = getattr(output, "backlog", None)
-        if backlog is not None:
-            outputs[output.name]["backlog"] = backlog
+    iot = service.iot
+    if iot is not None:
+        outputs[iot.name]["backlog"] = iot.backlog
         if not ok:
             reasons.append(f"outputs: {output.name}: {message}")
 
@@ -91,18 +80,18 @@ def health_report(runtime: Runtime, watch: ModelErrorWatch) -> dict[str, Any]:
 
 
 @router.get("/health", response_class=PrettyJSONResponse, summary="ok or degraded, with the reasons")
-async def health(request: Request) -> PrettyJSONResponse:
+async def health(service: ServiceDep) -> PrettyJSONResponse:
     """Always 200 while the server answers; ``status`` is ``ok`` or ``degraded`` and ``reasons``
     names the part (camera, model, outputs, pipeline)."""
-    return PrettyJSONResponse(health_report(runtime_of(request), request.app.state.model_watch))
+    return PrettyJSONResponse(health_report(service))
 
 
-def stats_report(runtime: Runtime, broadcaster: Broadcaster | None) -> dict[str, Any]:
-    loop, hub = runtime.loop, runtime.hub
+def stats_report(service: Service, broadcaster: Broadcaster | None) -> dict[str, Any]:
+    loop, hub = service.loop, service.hub
     viewers = list(broadcaster.viewers.values()) if broadcaster else []
     subscribers = list(broadcaster.subscribers.values()) if broadcaster else []
     outputs: dict[str, Any] = {}
-    for output in runtime.outputs:
+    for output in service.outputs:
         try:
             outputs[output.name] = output.stats()
         except Exception as exc:
@@ -118,18 +107,17 @@ def stats_report(runtime: Runtime, broadcaster: Broadcaster | None) -> dict[str,
         "loop_thread_id": loop.stats.thread_id,
         # --loop-cpu: the CPU the loop keeps to itself (null: not isolated), --serving-nice.
         "loop_cpu": loop.isolation.to_json() if loop.isolation is not None else None,
-        "serving_nice": {"setting": runtime.settings.serving_nice,
+        "serving_nice": {"setting": service.settings.serving_nice,
                          "encoders": broadcaster.encoder_nice if broadcaster else {}},
         "published": hub.published,
         "seq": hub.seq,
         "stage_ms": {k: round(v, 3) for k, v in loop.stats.stage_ms.items()},
         "model_errors": loop.stats.model_errors,
-        "capture_failures": loop.stats.capture_failures,
+        "capture_failures": service.capture.failures,
         "jpeg": {
             "encodes": encodes,
             "encodes_total": total,
             "encode_ms_avg": round(hub.encode_seconds * 1000 / total, 3) if total else 0.0,
-            "coalesced": broadcaster.coalesced if broadcaster else 0,
         },
         "frames_sent": broadcaster.frames_sent if broadcaster else 0,
         "frames_skipped": broadcaster.skipped_total if broadcaster else 0,
@@ -141,22 +129,22 @@ def stats_report(runtime: Runtime, broadcaster: Broadcaster | None) -> dict[str,
 
 
 @router.get("/api/stats", response_class=PrettyJSONResponse, summary="Rates, encodes and viewers",
-            dependencies=[Depends(require_view)])
-async def api_stats(request: Request) -> PrettyJSONResponse:
+            dependencies=[ViewDep])
+async def api_stats(request: Request, service: ServiceDep) -> PrettyJSONResponse:
     """Capture, inference and delivered fps; JPEG encodes per resolution; each viewer with its
     fps and the frames it skipped; the outputs' own stats."""
-    return PrettyJSONResponse(stats_report(runtime_of(request), _broadcaster(request)))
+    return PrettyJSONResponse(stats_report(service, _broadcaster(request)))
 
 
 class DashboardCollector:
-    """Reads the runtime at scrape time: no counters to keep in step with the loop."""
+    """Reads the service at scrape time: no counters to keep in step with the loop."""
 
-    def __init__(self, runtime: Runtime, app_state: Any) -> None:
-        self.runtime = runtime
+    def __init__(self, service: Service, app_state: Any) -> None:
+        self.service = service
         self.app_state = app_state
 
     def collect(self) -> Iterator[Metric]:
-        loop, hub = self.runtime.loop, self.runtime.hub
+        loop, hub = self.service.loop, self.service.hub
         stats = loop.stats
         broadcaster: Broadcaster | None = getattr(self.app_state, "broadcaster", None)
 
@@ -164,7 +152,7 @@ class DashboardCollector:
         yield CounterMetricFamily("deeplens_model_errors", "Frames the model failed on",
                                   stats.model_errors)
         yield CounterMetricFamily("deeplens_capture_failures", "Failed frame reads",
-                                  stats.capture_failures)
+                                  self.service.capture.failures)
         yield GaugeMetricFamily("deeplens_inference_fps", "Loop frames per second", stats.fps)
         stage = GaugeMetricFamily("deeplens_stage_ms", "Average milliseconds per stage",
                                   labels=["stage"])
@@ -192,7 +180,7 @@ class DashboardCollector:
                                   broadcaster.skipped_total if broadcaster else 0)
         healthy = GaugeMetricFamily("deeplens_output_healthy", "1 when the output is healthy",
                                     labels=["output"])
-        for output in self.runtime.outputs:
+        for output in self.service.outputs:
             try:
                 ok = output.health()[0]
             except Exception:
@@ -201,9 +189,9 @@ class DashboardCollector:
         yield healthy
 
 
-def make_registry(runtime: Runtime, app_state: Any) -> CollectorRegistry:
+def make_registry(service: Service, app_state: Any) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(DashboardCollector(runtime, app_state))
+    registry.register(DashboardCollector(service, app_state))
     return registry
 
 
@@ -214,11 +202,8 @@ async def metrics(request: Request) -> Response:
 
 
 @router.get("/api/iot/messages", response_class=PrettyJSONResponse, summary="The last IoT messages",
-            dependencies=[Depends(require_view)])
-async def iot_messages(request: Request) -> PrettyJSONResponse:
+            dependencies=[ViewDep])
+async def iot_messages(service: ServiceDep) -> PrettyJSONResponse:
     """The IoT output's recent messages (topic, payload, time), newest last; [] without one."""
-    for output in runtime_of(request).outputs:
-        recent = getattr(output, "recent_messages", None)
-        if callable(recent):
-            return PrettyJSONResponse(list(recent()))
-    return PrettyJSONResponse([])
+    iot = service.iot
+    return PrettyJSONResponse(iot.recent_messages() if iot is not None else [])

@@ -7,24 +7,24 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import StreamingResponse
 
 from app.broadcast import Broadcaster, Viewer
-from app.routes import PrettyJSONResponse, _finite, broadcaster_of, runtime_of
+from app.deps import BroadcasterDep, ServiceDep, ViewDep
+from app.routes import PrettyJSONResponse, _finite
 from app.routes.stream import NO_STORE, ClosingStreamingResponse, client_name
-from app.security import require_view
-from inference.hub import Published
-from inference.runtime import Runtime
+from inference.pipeline.frames import Frame
+from inference.service import Service
 
-router = APIRouter(dependencies=[Depends(require_view)], tags=["results"])
+router = APIRouter(dependencies=[ViewDep], tags=["results"])
 
 SSE_KEEPALIVE = 15.0  # a comment line this often keeps proxies from closing an idle stream
 SSE_RETRY_MS = 2000
 
 
-def result_json(runtime: Runtime, item: Published | None) -> dict[str, Any]:
-    state = runtime.loop.state.value
+def result_json(service: Service, item: Frame | None) -> dict[str, Any]:
+    state = service.state.value
     if item is None:
         return {"seq": 0, "timestamp": None, "model": None, "results": [], "payload": {},
                 "fps": 0.0, "timings_ms": {}, "error": "no frame yet", "state": state}
@@ -33,12 +33,11 @@ def result_json(runtime: Runtime, item: Published | None) -> dict[str, Any]:
 
 
 @router.get("/results", response_class=PrettyJSONResponse, summary="The latest result")
-async def results(request: Request) -> PrettyJSONResponse:
+async def results(service: ServiceDep) -> PrettyJSONResponse:
     """``seq`` (the frame's), capture ``timestamp``, ``model``, ``results`` (label, name, prob;
     boxes for ssd), ``payload`` (the seed's IoT ``{label: prob}``), ``fps``, ``timings_ms``,
     and the pipeline ``state``."""
-    runtime = runtime_of(request)
-    return PrettyJSONResponse(result_json(runtime, runtime.hub.latest()), headers=NO_STORE)
+    return PrettyJSONResponse(result_json(service, service.hub.latest()), headers=NO_STORE)
 
 
 def _event(data: dict[str, Any], seq: int) -> bytes:
@@ -49,7 +48,7 @@ def _event(data: dict[str, Any], seq: int) -> bytes:
     return f"id: {seq}\nevent: result\ndata: {text}\n\n".encode()
 
 
-async def _events(broadcaster: Broadcaster, runtime: Runtime, viewer: Viewer) -> AsyncIterator[bytes]:
+async def _events(broadcaster: Broadcaster, service: Service, viewer: Viewer) -> AsyncIterator[bytes]:
     yield f"retry: {SSE_RETRY_MS}\n\n".encode()
     last_seq = 0
     last_sent = time.monotonic()
@@ -57,14 +56,14 @@ async def _events(broadcaster: Broadcaster, runtime: Runtime, viewer: Viewer) ->
         newer = await broadcaster.wait_newer(last_seq, last_sent + SSE_KEEPALIVE)
         if broadcaster.closed:
             break
-        item = runtime.hub.latest()
+        item = service.hub.latest()
         if not newer or item is None:
             last_sent = time.monotonic()
             yield b": keepalive\n\n"
             continue
         last_seq, last_sent = item.seq, time.monotonic()
         broadcaster.record_sent(viewer, item.seq)
-        event = _event(result_json(runtime, item), item.seq)
+        event = _event(result_json(service, item), item.seq)
         del item  # a slow subscriber waits in the yield: it must not keep the frame alive
         yield event
 
@@ -75,11 +74,11 @@ async def _events(broadcaster: Broadcaster, runtime: Runtime, viewer: Viewer) ->
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}, 503: {"description": "Too many subscribers"}},
 )
-async def result_events(request: Request) -> Response:
+async def result_events(request: Request, service: ServiceDep,
+                        broadcaster: BroadcasterDep) -> Response:
     """Each event is ``event: result`` with ``id`` = seq and the ``/results`` JSON as data; the
     latest result comes at once on connect. A slow subscriber skips to the latest."""
-    broadcaster = broadcaster_of(request)
-    limit = request.app.state.settings.max_viewers
+    limit = service.settings.max_viewers
     viewer = broadcaster.add_viewer(client_name(request), "-", None, limit, kind="sse")
     if viewer is None:
         return PrettyJSONResponse(
@@ -87,7 +86,7 @@ async def result_events(request: Request) -> Response:
             status_code=503, headers={"Retry-After": "5"},
         )
     return ClosingStreamingResponse(
-        _events(broadcaster, runtime_of(request), viewer),
+        _events(broadcaster, service, viewer),
         on_close=lambda: broadcaster.remove_viewer(viewer),
         media_type="text/event-stream",
         headers=NO_STORE,

@@ -5,20 +5,19 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Optional
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
+from typing_extensions import Annotated, Literal
 
 from app.broadcast import Broadcaster, Viewer
-from app.routes import PrettyJSONResponse, broadcaster_of, query_error, runtime_of
-from app.security import require_view
-from inference import RESOLUTION_NAMES
+from app.deps import BroadcasterDep, ServiceDep, ViewDep
+from app.routes import PrettyJSONResponse
 
 log = logging.getLogger(__name__)
 
-router = APIRouter(dependencies=[Depends(require_view)], tags=["stream"])
+router = APIRouter(dependencies=[ViewDep], tags=["stream"])
 
 BOUNDARY = "frame"
 KEEPALIVE = 1.0  # resend the latest frame after this long without a new one (paused, stalled)
@@ -53,23 +52,10 @@ class ClosingStreamingResponse(StreamingResponse):
                 await aclose()
 
 
-def _parse_res(value: str | None) -> str:
-    res = (value or "native").strip()
-    if res not in RESOLUTION_NAMES:
-        raise ValueError(f"must be one of {', '.join(RESOLUTION_NAMES)}; got {value!r}")
-    return res
-
-
-def _parse_fps(value: str | None) -> float | None:
-    if value is None or value.strip() in ("", "0"):
-        return None
-    try:
-        fps = float(value)
-    except ValueError:
-        raise ValueError(f"expected a number of frames per second, got {value!r}") from None
-    if not 0 < fps <= MAX_FPS:
-        raise ValueError(f"must be above 0 and at most {MAX_FPS:g}, got {value!r}")
-    return fps
+Resolution = Annotated[
+    Literal["480p", "720p", "1080p", "native"],
+    Query(description="480p (858x480), 720p, 1080p or native; never upscaled past the frame"),
+]
 
 
 def client_name(request: Request) -> str:
@@ -93,7 +79,7 @@ async def _parts(broadcaster: Broadcaster, viewer: Viewer, res: str) -> AsyncIte
         if item is None or (not newer and time.monotonic() < deadline):
             continue
         # Not newer past the deadline: the same frame again keeps viewers and proxies alive.
-        seq, encoding = item.seq, broadcaster.frame(item, res)
+        seq, encoding = item.seq, broadcaster.encoded(item, res)
         # A slow viewer waits in the yield below for as long as its socket is full: holding the
         # frame there would keep a few MB alive per slow viewer.
         del item
@@ -106,7 +92,7 @@ async def _parts(broadcaster: Broadcaster, viewer: Viewer, res: str) -> AsyncIte
         broadcaster.record_sent(viewer, frame.seq)
         # The encode may be of a newer frame than asked for (the encoder skips to the newest).
         last_seq, last_sent = max(last_seq, seq, frame.seq), time.monotonic()
-        yield frame.part
+        yield frame.part(res)
 
 
 @router.get(
@@ -119,22 +105,18 @@ async def _parts(broadcaster: Broadcaster, viewer: Viewer, res: str) -> AsyncIte
         503: {"description": "Too many viewers"},
     },
 )
-async def stream(request: Request, res: Optional[str] = None, fps: Optional[str] = None) -> Response:
+async def stream(
+    request: Request, service: ServiceDep, broadcaster: BroadcasterDep,
+    res: Resolution = "native",
+    fps: Annotated[float, Query(ge=0, le=MAX_FPS, allow_inf_nan=False,
+                                description="this viewer's frame rate at most; 0 = as it comes")] = 0,
+) -> Response:
     """Parts carry ``Content-Length``, ``X-Frame-Seq`` and ``X-Timestamp`` (capture time, epoch s).
     ``?res=480p|720p|1080p|native`` (never upscaled past the annotated frame), ``?fps=`` caps
     this viewer. A slow viewer skips to the latest frame; with no new frame for ~1 s the latest
     is sent again."""
-    try:
-        resolution = _parse_res(res)
-    except ValueError as exc:
-        return query_error("res", str(exc))
-    try:
-        fps_cap = _parse_fps(fps)
-    except ValueError as exc:
-        return query_error("fps", str(exc))
-    broadcaster = broadcaster_of(request)
-    limit = request.app.state.settings.max_viewers
-    viewer = broadcaster.add_viewer(client_name(request), resolution, fps_cap, limit)
+    limit = service.settings.max_viewers
+    viewer = broadcaster.add_viewer(client_name(request), res, fps or None, limit)
     if viewer is None:
         return PrettyJSONResponse(
             {"detail": f"too many viewers: {limit} are already watching (the --max-viewers "
@@ -142,7 +124,7 @@ async def stream(request: Request, res: Optional[str] = None, fps: Optional[str]
             status_code=503, headers={"Retry-After": "5"},
         )
     return ClosingStreamingResponse(
-        _parts(broadcaster, viewer, resolution),
+        _parts(broadcaster, viewer, res),
         on_close=lambda: broadcaster.remove_viewer(viewer),
         media_type=f"multipart/x-mixed-replace; boundary={BOUNDARY}",
         headers=NO_STORE,
@@ -155,15 +137,11 @@ async def stream(request: Request, res: Optional[str] = None, fps: Optional[str]
     response_class=Response,
     responses={200: {"content": {"image/jpeg": {}}}, 503: {"description": "No frame yet"}},
 )
-async def snapshot(request: Request, res: Optional[str] = None) -> Response:
-    try:
-        resolution = _parse_res(res)
-    except ValueError as exc:
-        return query_error("res", str(exc))
-    broadcaster = broadcaster_of(request)
-    item = runtime_of(request).hub.latest()
+async def snapshot(service: ServiceDep, broadcaster: BroadcasterDep,
+                   res: Resolution = "native") -> Response:
+    item = service.hub.latest()
     if item is None:
         return PrettyJSONResponse({"detail": "no frame yet"}, status_code=503)
-    frame = await broadcaster.frame(item, resolution)
+    frame = await broadcaster.encoded(item, res)
     headers = {**NO_STORE, "X-Frame-Seq": str(frame.seq), "X-Timestamp": f"{frame.timestamp:.6f}"}
-    return Response(frame.jpeg, media_type="image/jpeg", headers=headers)
+    return Response(frame.jpeg(res), media_type="image/jpeg", headers=headers)

@@ -3,66 +3,29 @@
 from __future__ import annotations
 
 import functools
-import importlib.util
 import logging
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Dict
 
 import numpy as np
 
-from inference.config import Settings
+from inference.models.catalog import (
+    DEVICE_DEFAULT_LABELS,
+    DEVICE_DEFAULT_MODEL,
+    canonical,
+)
+from inference.sources.awscam import awscam_available
 from inference.types import Model, ModelError, ModelType
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from inference.settings import Settings
 
-DEFAULT_MODEL = "efficientnet-lite0"
-# The seed's cat/dog sample artifact, pre-optimized in the device's artifact folder.
-DEVICE_DEFAULT_MODEL = "/opt/awscam/artifacts/mxnet_resnet18-catsvsdogs_FP32_FUSED.xml"
-DEVICE_DEFAULT_LABELS = {0: "dog", 1: "cat"}
+log = logging.getLogger(__name__)
 
 # ImageNet ids of the seed's two classes: all the dog breeds and the domestic cats.
 IMAGENET_DOGS = range(151, 269)
 IMAGENET_CATS = range(281, 286)
-
-BUILTIN: dict[str, str] = {
-    "efficientnet-lite0": "ImageNet-1k classifier (EfficientNet-Lite0, 224x224)",
-    "catdog": "the seed's cat/dog classifier: EfficientNet-Lite0 with its dog and cat classes summed",
-    "centerface": "face detector (CenterFace), ssd results with {1: 'face'}",
-}
-ALIASES = {"face": "centerface", "efficientnet": "efficientnet-lite0", "cat-dog": "catdog"}
-
-
-def awscam_available() -> bool:
-    return importlib.util.find_spec("awscam") is not None
-
-
-def default_model() -> str:
-    return DEVICE_DEFAULT_MODEL if awscam_available() else DEFAULT_MODEL
-
-
-SSD_DEFAULT_THRESHOLD = 0.25
-"""The threshold of the DeepLens object- and face-detection samples."""
-
-
-def with_model_defaults(settings: Settings) -> Settings:
-    """Defaults that depend on the model: a detector left at threshold 0 would draw every
-    low-confidence candidate, so unless the user set one it gets the samples' 0.25."""
-    name = ALIASES.get(settings.model, settings.model)
-    is_ssd = name == "centerface" or settings.model_type == "ssd"
-    if is_ssd and "threshold" not in settings.explicit:
-        return settings.replace(threshold=SSD_DEFAULT_THRESHOLD)
-    return settings
-
-
-def known_model(name: str) -> bool:
-    """True when ``name`` could load: built in, or a path that exists, or an artifact on a device."""
-    name = ALIASES.get(name, name)
-    if name in BUILTIN:
-        return True
-    if Path(name).expanduser().exists():
-        return True
-    return awscam_available() and not name.endswith(".onnx")
 
 
 @functools.lru_cache(maxsize=1)
@@ -73,7 +36,7 @@ def _efficientnet_graph() -> bytes:
     return build_efficientnet_lite0_onnx()
 
 
-def _labels(settings: Settings, fallback: Mapping[int, str]) -> dict[int, str]:
+def _labels(settings: Settings, fallback: Mapping[int, str]) -> Dict[int, str]:
     from inference.models.labels import LabelsError, builtin_labels, load_labels
 
     if not settings.labels:
@@ -89,84 +52,90 @@ def _labels(settings: Settings, fallback: Mapping[int, str]) -> dict[int, str]:
 def load_model(settings: Settings) -> Model:
     """Build the model ``settings.model`` names. Raises ModelError naming the path or name."""
     from inference.affinity import auto_threads, available_cpus
-    from inference.models.labels import builtin_labels
-    from inference.models.onnx import OnnxModel
-    from inference.models.preprocess import Preprocess
 
-    name = settings.model or default_model()
-    name = ALIASES.get(name, name)
+    name = canonical(settings.model)
     threads = settings.threads or auto_threads(settings.loop_cpu, available_cpus())
-
-    pre: Any
     if name in ("efficientnet-lite0", "catdog"):
-        w, h = settings.input_size or (224, 224)
-        pre = Preprocess(
-            w, h, color="rgb", scale=1 / 255, mean=(0.498,) * 3, std=(0.502,) * 3,
-            center_crop=0.875 if settings.center_crop is None else settings.center_crop,
-        )
-        if name == "catdog":
-            from inference.models import parse
-
-            def catdog(raw: dict[str, Any]) -> dict[str, Any]:
-                probs = next(iter(raw.values())).reshape(-1)
-                dog = float(probs[IMAGENET_DOGS.start : IMAGENET_DOGS.stop].sum())
-                cat = float(probs[IMAGENET_CATS.start : IMAGENET_CATS.stop].sum())
-                total = dog + cat or 1.0
-                # The seed's model is a two-way softmax: its two probabilities add up to 1.
-                return parse.classification(np.array([dog / total, cat / total], np.float32))
-
-            return OnnxModel(
-                "catdog", _efficientnet_graph(), "classification",
-                _labels(settings, {0: "dog", 1: "cat"}), pre, parser=catdog, threads=threads,
-            )
-        return OnnxModel(
-            "efficientnet-lite0", _efficientnet_graph(), "classification",
-            _labels(settings, builtin_labels("imagenet")), pre, threads=threads,
-        )
-
+        return _efficientnet(name, settings, threads)
     if name == "centerface":
-        from inference.models import centerface as cf
-
-        w, h = settings.input_size or (480, 288)
-        try:
-            graph = cf.load_centerface_onnx(w, h)
-        except ValueError as exc:
-            raise ModelError(str(exc), option="--input-size") from exc
-
-        def face_parser(raw: dict[str, Any]) -> dict[str, Any]:
-            return {"ssd": cf.decode_centerface(raw, w, h)}
-
-        pre = Preprocess(w, h, color="rgb", scale=1.0, center_crop=0.0)
-        return OnnxModel(
-            "centerface", graph, "ssd", _labels(settings, {cf.FACE_LABEL: "face"}), pre,
-            parser=face_parser, threads=threads,
-        )
-
+        return _centerface(settings, threads)
     path = Path(name).expanduser()
     backend = settings.model_backend
     if backend == "auto":
         backend = "onnx" if path.suffix.lower() == ".onnx" else "awscam"
     if backend == "onnx":
-        if not path.is_file():
-            raise ModelError(f"model file not found: {path}")
-        model_type = _model_type(settings, name)
-        pre = _user_preprocess(settings, None) if settings.input_size else None
-        labels = _labels(settings, {})
-        model = OnnxModel(path.stem, path, model_type, labels, pre, settings.input_size,
-                          threads=threads)
-        if pre is None and any(
-            v is not None for v in (settings.scale, settings.mean, settings.std, settings.center_crop)
-        ) or settings.color != "auto":
-            # Preprocessing options apply once the input size is known from the model.
-            model = OnnxModel(
-                path.stem, path, model_type, labels,
-                _user_preprocess(settings, (model.info.input_width, model.info.input_height),
-                                 model.preprocessing.layout),
-                threads=threads,
-            )
-        _check_label_count(model, labels, settings.labels)
-        return model
+        return _onnx_file(path, settings, threads)
+    return _device_model(name, path, settings)
 
+
+def _efficientnet(name: str, settings: Settings, threads: int) -> Model:
+    from inference.models import parse
+    from inference.models.labels import builtin_labels
+    from inference.models.onnx import OnnxModel
+    from inference.models.preprocess import Preprocess
+
+    w, h = settings.input_size or (224, 224)
+    pre = Preprocess(
+        w, h, color="rgb", scale=1 / 255, mean=(0.498,) * 3, std=(0.502,) * 3,
+        center_crop=0.875 if settings.center_crop is None else settings.center_crop,
+    )
+    if name == "efficientnet-lite0":
+        return OnnxModel(name, _efficientnet_graph(), "classification",
+                         _labels(settings, builtin_labels("imagenet")), pre, threads=threads)
+
+    def catdog(raw: Dict[str, Any]) -> Dict[str, Any]:
+        probs = next(iter(raw.values())).reshape(-1)
+        dog = float(probs[IMAGENET_DOGS.start : IMAGENET_DOGS.stop].sum())
+        cat = float(probs[IMAGENET_CATS.start : IMAGENET_CATS.stop].sum())
+        total = dog + cat or 1.0
+        # The seed's model is a two-way softmax: its two probabilities add up to 1.
+        return parse.classification(np.array([dog / total, cat / total], np.float32))
+
+    return OnnxModel("catdog", _efficientnet_graph(), "classification",
+                     _labels(settings, {0: "dog", 1: "cat"}), pre, parser=catdog, threads=threads)
+
+
+def _centerface(settings: Settings, threads: int) -> Model:
+    from inference.models import centerface as cf
+    from inference.models.onnx import OnnxModel
+    from inference.models.preprocess import Preprocess
+
+    w, h = settings.input_size or (480, 288)
+    try:
+        graph = cf.load_centerface_onnx(w, h)
+    except ValueError as exc:
+        raise ModelError(str(exc), option="--input-size") from exc
+
+    def face_parser(raw: Dict[str, Any]) -> Dict[str, Any]:
+        return {"ssd": cf.decode_centerface(raw, w, h)}
+
+    pre = Preprocess(w, h, color="rgb", scale=1.0, center_crop=0.0)
+    return OnnxModel("centerface", graph, "ssd", _labels(settings, {cf.FACE_LABEL: "face"}), pre,
+                     parser=face_parser, threads=threads)
+
+
+def _onnx_file(path: Path, settings: Settings, threads: int) -> Model:
+    from inference.models.onnx import OnnxModel
+
+    if not path.is_file():
+        raise ModelError(f"model file not found: {path}")
+    model_type = _model_type(settings, str(path))
+    pre = _user_preprocess(settings, None) if settings.input_size else None
+    labels = _labels(settings, {})
+    model = OnnxModel(path.stem, path, model_type, labels, pre, settings.input_size, threads=threads)
+    tuned = any(v is not None for v in (settings.scale, settings.mean, settings.std,
+                                          settings.center_crop))
+    if (pre is None and tuned) or settings.color != "auto":
+        # Preprocessing options apply once the input size is known from the model.
+        size = (model.info.input_width, model.info.input_height)
+        model = OnnxModel(path.stem, path, model_type, labels,
+                          _user_preprocess(settings, size, model.preprocessing.layout),
+                          threads=threads)
+    _check_label_count(model, labels, settings.labels)
+    return model
+
+
+def _device_model(name: str, path: Path, settings: Settings) -> Model:
     from inference.models.awscam import AwscamModel
 
     if not awscam_available():
@@ -188,7 +157,7 @@ def load_model(settings: Settings) -> Model:
 
 def _model_type(settings: Settings, name: str) -> ModelType:
     if settings.model_type:
-        return settings.model_type  # type: ignore[return-value]
+        return settings.model_type
     if name == DEVICE_DEFAULT_MODEL:
         return "classification"
     raise ModelError(
@@ -207,7 +176,7 @@ def _user_preprocess(
     scale = default_scale if settings.scale is None else settings.scale
     plain = device and settings.scale is None and settings.mean is None and settings.std is None
     return Preprocess(
-        w, h, color=color,  # type: ignore[arg-type]
+        w, h, color=color,
         scale=scale,
         mean=settings.mean or (0.0, 0.0, 0.0),
         std=settings.std or (1.0, 1.0, 1.0),
@@ -231,6 +200,3 @@ def _check_label_count(model: Any, labels: Mapping[int, str], path: str) -> None
             "labels file %s has %d names for %d classes: unnamed ids show as numbers",
             path, len(labels), classes,
         )
-
-
-ModelFactory = Callable[[Settings], Model]

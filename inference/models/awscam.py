@@ -60,7 +60,7 @@ def resolve_artifact(
     return str(model_path)
 
 
-class AwscamModel:
+class AwscamModel(parse.CutsAfterParsing):
     def __init__(
         self,
         artifact: str,
@@ -89,7 +89,7 @@ class AwscamModel:
         self._preprocess = preprocess
         self.info = ModelInfo(
             name or Path(artifact).stem, model_type, preprocess.width, preprocess.height,
-            f"awscam(runtime={runtime}, GPU={1 if gpu else 0})", dict(labels),
+            f"awscam(runtime={runtime}, GPU={1 if gpu else 0})", dict(labels), gpu=gpu,
         )
 
     def preprocess(self, frame: Image) -> Any:

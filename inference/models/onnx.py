@@ -106,7 +106,6 @@ class OnnxModel:
         backend: str = "onnxruntime",
     ) -> None:
         self._session = make_session(model, threads)
-        self.intra_op_threads = threads  # 0: ONNX Runtime's default, one per core
         inputs = self._session.get_inputs()
         if len(inputs) != 1:
             raise ModelError(f"model {name}: expected one input, found {len(inputs)}")
@@ -125,7 +124,7 @@ class OnnxModel:
         self._top_parser: TopParser | None = (
             classification_top if parser is None and model_type == "classification" else None
         )
-        self.info = ModelInfo(name, model_type, width, height, backend, dict(labels))
+        self.info = ModelInfo(name, model_type, width, height, backend, dict(labels), threads=threads)
 
     @property
     def preprocessing(self) -> Preprocess:
@@ -143,7 +142,7 @@ class OnnxModel:
 
     def parse_top(self, raw: RawOutputs, limit: int) -> Parsed:
         """``parse`` with a classification list cut to its first ``limit`` entries, as the loop
-        keeps it (parse.parse_first)."""
+        keeps it."""
         if self._top_parser is not None:
             return self._top_parser(raw, limit)
         return parse.truncate(self._parser(raw), limit)

@@ -10,7 +10,7 @@ import numpy as np
 import numpy.typing as npt
 
 from inference.result import Item
-from inference.types import Model, ModelInfo, Parsed, RawOutputs
+from inference.types import ModelInfo, Parsed, RawOutputs
 
 
 def softmax(x: npt.NDArray[Any]) -> npt.NDArray[np.float32]:
@@ -51,15 +51,14 @@ def _top_order(flat: npt.NDArray[np.float32], k: int) -> npt.NDArray[np.intp]:
     return order
 
 
-def parse_first(model: Model, raw: RawOutputs, limit: int) -> Parsed:
-    """``model.parse(raw)`` with a classification list cut to its first ``limit`` entries: all
-    the loop keeps (the seed keeps ``[0:num_top_k]`` of it too). A model with ``parse_top``
-    builds only those."""
-    parse_top = getattr(model, "parse_top", None)
-    if parse_top is not None:
-        parsed: Parsed = parse_top(raw, limit)
-        return parsed
-    return truncate(model.parse(raw), limit)
+class CutsAfterParsing:
+    """``parse_top`` for a model that builds the whole list: cut after parsing."""
+
+    def parse(self, raw: RawOutputs) -> Parsed:
+        raise NotImplementedError
+
+    def parse_top(self, raw: RawOutputs, limit: int) -> Parsed:
+        return truncate(self.parse(raw), limit)
 
 
 def truncate(parsed: Parsed, limit: int) -> Parsed:

@@ -29,10 +29,10 @@ import threading
 import time
 from typing import Any
 
-from inference.affinity import serving_thread
-from inference.config import Settings
-from inference.hub import FrameHub, effective_res
-from inference.outputs import OutputError
+from inference.outputs.base import OutputError
+from inference.pipeline.frames import FrameHub
+from inference.settings import Settings
+from inference.workers import Worker
 
 log = logging.getLogger(__name__)
 
@@ -69,22 +69,21 @@ def _unread_bytes(fd: int) -> int | None:
         return None
 
 
-class FifoWriter:
-    name = "fifo"
+class FifoWriter(Worker):
+    name = "fifo-writer"
+    serving = True
 
     def __init__(
         self, path: str, hub: FrameHub, res: str = "480p", poll_interval: float = POLL_INTERVAL,
         nice: int = 0,
     ) -> None:
+        super().__init__()
         self.path = path
         self.nice = nice  # added to the writer thread's nice value (--serving-nice)
-        self.thread_nice: int | None = None
         self.hub = hub
         self.res = res
         self.poll_interval = poll_interval
         check_path(path)  # refuse a regular file at build time, before anything starts
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._pending: memoryview | None = None  # the unwritten rest of a frame already started
@@ -103,28 +102,20 @@ class FifoWriter:
 
     # -- Output --------------------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
+        if self.alive:
             return
         if not check_path(self.path):
             self._mkfifo()
-        self._stop = threading.Event()
         self._problem = None
         self._state = "waiting for a reader"
-        self._thread = threading.Thread(
-            target=self._run, args=(self._stop,), name="fifo-writer", daemon=True
-        )
-        self._thread.start()
+        super().start()
         log.info("project stream FIFO %s (%s): waiting for a reader", self.path, self.res)
 
-    def stop(self, timeout: float = 2.0) -> None:
-        self._stop.set()
-        thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout)
-            if thread.is_alive():
-                log.warning("fifo writer still busy after %.1f s", timeout)
+    def stop(self, deadline: float) -> bool:
+        stopped = super().stop(deadline)
         self._close()
         self._state = "stopped"
+        return stopped
 
     def health(self) -> tuple[bool, str]:
         if self._problem:
@@ -155,8 +146,8 @@ class FifoWriter:
         self.res = settings.fifo_res
 
     # -- the thread ----------------------------------------------------------------------------
-    def _run(self, stop: threading.Event) -> None:
-        self.thread_nice = serving_thread(self.nice)
+    def run(self) -> None:
+        stop = self.stopping
         seq = 0
         checked = time.monotonic()
         while not stop.is_set():
@@ -177,18 +168,18 @@ class FifoWriter:
                 if self.hub.closed:
                     stop.wait(self.poll_interval)
                     continue
-                item = self.hub.wait_newer(seq, self.poll_interval)
-                if item is None:
+                frame = self.hub.wait_newer(seq, self.poll_interval)
+                if frame is None:
                     continue
-                if seq:
-                    self.frames_skipped += item.seq - seq - 1
-                seq = item.seq
                 # A source smaller than --fifo-res is written at its own size, as viewers get it:
                 # an upscale would cost a resize and a second encode per frame and show nothing
                 # more (mplayer scales the window itself).
-                encoded = self.hub.jpeg(effective_res(item, self.res), item)
+                encoded = self.hub.encode(self.res, frame)
                 if encoded is not None:
-                    self._write_frame(encoded.jpeg)
+                    if seq:
+                        self.frames_skipped += encoded.seq - seq - 1
+                    seq = encoded.seq
+                    self._write_frame(encoded.jpeg(self.res) or b"")
             except Exception as exc:  # the writer must outlive any one bad frame
                 self.errors += 1
                 self.last_error = str(exc) or type(exc).__name__

@@ -41,10 +41,12 @@ from typing import Any, Callable
 from typing_extensions import Protocol
 
 from inference.affinity import serving_thread
-from inference.config import Settings
-from inference.hub import FrameHub, Published
 from inference.logutil import RateLimitedLog
-from inference.outputs import OutputError
+from inference.models.catalog import display_name
+from inference.outputs.base import OutputError
+from inference.pipeline.frames import Frame, FrameHub
+from inference.settings import Settings, redact_url
+from inference.workers import Worker, remaining
 
 log = logging.getLogger(__name__)
 message_log = logging.getLogger("inference.iot.messages")
@@ -99,7 +101,7 @@ class Publisher(Protocol):
 
     def status(self) -> tuple[bool, str]: ...
 
-    def close(self, timeout: float = 2.0) -> None: ...
+    def close(self, deadline: float) -> None: ...
 
 
 # -- publishers ----------------------------------------------------------------------------------
@@ -112,7 +114,7 @@ class _Immediate:
     def wait_ready(self, timeout: float) -> bool:
         return True
 
-    def close(self, timeout: float = 2.0) -> None:
+    def close(self, deadline: float) -> None:
         pass
 
 
@@ -412,19 +414,18 @@ class MqttPublisher:
             return True, f"connected to {self.url}"
         return False, f"{self.url}: {self._last_reason}"
 
-    def close(self, timeout: float = 2.0) -> None:
+    def close(self, deadline: float) -> None:
         if not self._started:
             return
         self._started = False
-        deadline = time.monotonic() + timeout
         if self._connected.is_set():
-            # What was handed over gets its chance to be acknowledged before we go.
-            while self._in_flight and self._connected.is_set() and time.monotonic() < deadline - timeout / 2:
+            # What was handed over gets its chance to be acknowledged, leaving time to say
+            # offline: a clean disconnect suppresses the last will.
+            while self._in_flight and self._connected.is_set() and remaining(deadline) > 0.5:
                 self.wait_ready(0.05)
-            # A clean disconnect suppresses the last will: say offline ourselves.
             info = self._client.publish(self.availability, "offline", qos=1, retain=True)
             try:
-                info.wait_for_publish(max(0.0, min(timeout / 4, deadline - time.monotonic())))
+                info.wait_for_publish(max(0.0, remaining(deadline) - 0.2))
             except (RuntimeError, ValueError):
                 pass
         self._closing = True  # our own disconnect is not a lost connection: no warning
@@ -433,7 +434,7 @@ class MqttPublisher:
         # must not hold up shutdown, so the join happens beside us, bounded.
         stopper = threading.Thread(target=self._client.loop_stop, name="mqtt-stop", daemon=True)
         stopper.start()
-        stopper.join(max(0.1, deadline - time.monotonic()))
+        stopper.join(max(0.1, remaining(deadline)))
         self._connected.clear()
 
 
@@ -451,8 +452,6 @@ def read_password(settings: Settings) -> str:
 
 def make_publisher(settings: Settings, thing: str) -> Publisher:
     """The publisher ``--iot`` asks for; ``auto`` falls back from greengrass with a log line."""
-    from inference.config import redact_url
-
     mode = settings.iot
     if mode == "off":
         return NullPublisher()
@@ -482,7 +481,7 @@ def make_publisher(settings: Settings, thing: str) -> Publisher:
 # -- the output ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class _Job:
-    item: Published | None = None  # an inference to publish
+    item: Frame | None = None  # an inference to publish
     text: str | None = None  # or a status line, as the seed's 'Loading ... model'
     error: str | None = None  # or an error, sent as the seed's 'Error in ...: <error>'
 
@@ -493,8 +492,14 @@ class _Message:
     status: bool  # a status line or an error rather than an inference
 
 
-class IotOutput:
-    name = "iot"
+class IotOutput(Worker):
+    name = "iot-publisher"
+    serving = True
+
+    @classmethod
+    def build(cls, settings: Settings, hub: FrameHub) -> IotOutput:
+        thing = resolve_thing_name(settings)
+        return cls(settings, hub, make_publisher(settings, thing), thing)
 
     def __init__(
         self,
@@ -505,6 +510,7 @@ class IotOutput:
         queue_size: int = QUEUE_SIZE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        super().__init__()
         self.hub = hub
         self._clock = clock  # the rate limit's clock; tests pass their own
         self.publisher = publisher
@@ -514,7 +520,6 @@ class IotOutput:
         self.backlog_size = settings.iot_queue
         self._model_name = settings.model
         self.nice = settings.serving_nice  # added to the publisher thread's nice value
-        self.thread_nice: int | None = None
         self._payload_mode = settings.iot_payload
         self._max_rate = settings.iot_max_rate
         self._on_change = settings.iot_on_change
@@ -523,9 +528,7 @@ class IotOutput:
         # Messages made and not yet handed to the publisher: the backlog of an outage.
         self._outbox: collections.deque[_Message] = collections.deque()
         self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_MESSAGES)
-        self._stop = threading.Event()
         self._drain_until = 0.0
-        self._thread: threading.Thread | None = None
         self._rl = RateLimitedLog(log)
         self._announced_model: str | None = None
         self._loading_announced = False
@@ -545,42 +548,36 @@ class IotOutput:
 
     # -- Output --------------------------------------------------------------------------------
     def start(self) -> None:
-        if self._thread is not None and self._thread.is_alive():
+        if self.alive:
             return
-        self._stop = threading.Event()
         self.publisher.start()
         self.announce_loading()
         self.hub.add_listener(self._on_hub)
-        self._thread = threading.Thread(
-            target=self._run, args=(self._stop,), name="iot-publisher", daemon=True
-        )
-        self._thread.start()
+        super().start()
         log.info("IoT: publishing to %s via %s", self.topic, self.publisher.name)
 
-    def stop(self, timeout: float = 2.0) -> None:
-        """Stop within ``timeout``, sending the status lines and the latest result first (older
-        results still waiting are dropped and counted, so the last one always has time)."""
+    def stop(self, deadline: float) -> bool:
+        """Stop by ``deadline``, sending the status lines and the latest result first (older
+        results still waiting are dropped and counted, so the last one always has time); the
+        second half of the time is the publisher's, to say offline and disconnect."""
         self.hub.remove_listener(self._on_hub)
         with self._cond:
-            self._drain_until = time.monotonic() + timeout / 2 * 0.9
+            self._drain_until = time.monotonic() + remaining(deadline) / 2
             items = [job for job in self._queue if job.item is not None]
             if len(items) > 1:
                 last = items[-1]
                 self._queue = collections.deque(
                     job for job in self._queue if job.item is None or job is last)
                 self.dropped_queue += len(items) - 1
-            self._stop.set()
+            self.stopping.set()
             self._cond.notify_all()
-        thread, self._thread = self._thread, None
-        if thread is not None and thread is not threading.current_thread():
-            thread.join(timeout / 2)
-            if thread.is_alive():
-                log.warning("IoT publisher still busy after %.1f s (a blocking publish?)", timeout / 2)
+        stopped = self.join(self._drain_until + 0.1)
         with self._cond:
             unsent = len(self._outbox)
         if unsent:
             log.warning("IoT: %d messages not sent at stop (%s)", unsent, self.publisher.status()[1])
-        self.publisher.close(timeout / 2)
+        self.publisher.close(deadline)
+        return stopped
 
     def health(self) -> tuple[bool, str]:
         ok, description = self.publisher.status()
@@ -674,8 +671,8 @@ class IotOutput:
             self._cond.notify()
 
     # -- the publisher thread ------------------------------------------------------------------
-    def _run(self, stop: threading.Event) -> None:
-        self.thread_nice = serving_thread(self.nice)
+    def run(self) -> None:
+        stop = self.stopping
         while True:
             with self._cond:
                 if not self._queue and not stop.is_set():
@@ -752,7 +749,7 @@ class IotOutput:
         elif job.error is not None:
             self._report_error(job.error)
 
-    def _handle(self, item: Published) -> None:
+    def _handle(self, item: Frame) -> None:
         result = item.result
         if result.model is not None and result.model.name != self._announced_model:
             self._announced_model = result.model.name
@@ -812,9 +809,4 @@ class IotOutput:
             self._recent.append(entry)
 
     def _display_model_name(self) -> str:
-        if self._model_name:
-            return Path(self._model_name).stem if "/" in self._model_name else self._model_name
-        from inference.models import default_model
-
-        name = default_model()
-        return Path(name).stem if "/" in name else name
+        return display_name(self._model_name)

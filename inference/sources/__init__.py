@@ -4,10 +4,10 @@ URL, a video file, an image file, a folder or a glob of images."""
 from __future__ import annotations
 
 import glob
-import importlib.util
 import os
 from pathlib import Path
 
+from inference.sources.awscam import awscam_available
 from inference.types import FrameSource
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
@@ -17,10 +17,6 @@ NAMED_SOURCES = ("awscam", "demo", "synthetic")
 
 class SourceSpecError(ValueError):
     """The ``--source`` value names nothing that can be opened."""
-
-
-def awscam_available() -> bool:
-    return importlib.util.find_spec("awscam") is not None
 
 
 def default_source() -> str:

@@ -14,12 +14,17 @@ from inference.types import Image, SourceError
 log = logging.getLogger(__name__)
 
 
+def awscam_available() -> bool:
+    """True on a DeepLens: the device's ``awscam`` module can be imported."""
+    return importlib.util.find_spec("awscam") is not None
+
+
 def preload_awscam() -> bool:
     """Import awscam before anything imports cv2: the device's cv2 build depends on it.
 
     Call first thing in an entry point; this module imports nothing that pulls in cv2.
     """
-    if importlib.util.find_spec("awscam") is None:
+    if not awscam_available():
         return False
     try:
         importlib.import_module("awscam")

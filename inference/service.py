@@ -1,0 +1,207 @@
+"""The service: the product's parts and their lifecycle, with one owner.
+
+The frame hub, the inference loop, its capture and model, and the outputs (FIFO, IoT) are built
+from the settings here and started and stopped here, by the CLI, the Greengrass Lambda and the
+tests alike. Start, stop, pause, resume and live changes are serialised by one lock, so two
+clients pressing buttons at once cannot interleave them. A live change of model or source loads
+the new one beside the running one and swaps only when everything loaded; a failure raises and
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Tuple
+
+from inference.affinity import unconfined
+from inference.outputs.base import Output, build_outputs
+from inference.pipeline.frames import FrameHub
+from inference.pipeline.loop import InferenceLoop, LoopState
+from inference.settings import Settings
+from inference.sources.capture import Capture
+from inference.types import FrameSource, Model
+
+if TYPE_CHECKING:
+    from inference.outputs.fifo import FifoWriter
+    from inference.outputs.iot import IotOutput
+
+log = logging.getLogger(__name__)
+
+STOP_SECONDS = 2.0
+
+SourceFactory = Callable[[Settings], FrameSource]
+ModelFactory = Callable[[Settings], Model]
+
+
+def default_source_factory(settings: Settings) -> FrameSource:
+    from inference.sources import default_source, make_source
+
+    return make_source(settings.source or default_source(), fps=settings.source_fps,
+                       interval=settings.slide_interval)
+
+
+def default_model_factory(settings: Settings) -> Model:
+    from inference.models import load_model
+
+    return load_model(settings)
+
+
+class Service:
+    def __init__(
+        self,
+        settings: Settings,
+        source_factory: SourceFactory = default_source_factory,
+        model_factory: ModelFactory = default_model_factory,
+        outputs: Optional[List[Output]] = None,
+    ) -> None:
+        self._settings = settings
+        self._source_factory = source_factory
+        self._model_factory = model_factory
+        self.hub = FrameHub(settings.jpeg_quality)
+        self.capture = Capture(lambda: self._source_factory(self._settings))
+        self.loop = InferenceLoop(settings, self.hub, self.capture)
+        self.outputs: List[Output] = list(outputs or [])
+        self._lock = threading.RLock()
+        self._prepared = False
+        self.started = False
+
+    @classmethod
+    def build(cls, settings: Settings) -> Service:
+        """The loop plus the outputs the settings ask for; raises OutputError naming the option."""
+        service = cls(settings)
+        service.outputs = build_outputs(settings, service.hub)
+        return service
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @property
+    def state(self) -> LoopState:
+        return self.loop.state
+
+    @property
+    def iot(self) -> Optional[IotOutput]:
+        from inference.outputs.iot import IotOutput
+
+        found = [o for o in self.outputs if isinstance(o, IotOutput)]
+        return found[0] if found else None
+
+    @property
+    def fifo(self) -> Optional[FifoWriter]:
+        from inference.outputs.fifo import FifoWriter
+
+        found = [o for o in self.outputs if isinstance(o, FifoWriter)]
+        return found[0] if found else None
+
+    def add_output(self, output: Output) -> None:
+        self.outputs.append(output)
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    def prepare(self, strict: bool = True) -> None:
+        """Load the model and build the source. ``strict`` raises (the CLI exits naming the
+        option); otherwise the error is kept and shown on every frame (the Lambda comes up
+        anyway)."""
+        with self._lock:
+            self._prepared = True
+            try:
+                self.loop.swap(model=self._model_factory(self._settings))
+            except Exception as exc:
+                if strict:
+                    raise
+                self.loop.stats.model_load_error = str(exc)
+                log.error("model not loaded: %s", exc)
+            try:
+                self.capture.source = self._source_factory(self._settings)
+            except Exception as exc:
+                if strict:
+                    raise
+                self.capture.last_error = str(exc)
+                log.error("source not available: %s", exc)
+
+    def start(self) -> None:
+        with self._lock:
+            if not self._prepared:
+                self.prepare(strict=False)
+            self.hub.reopen()
+            self.loop.start()
+            if not self.started:
+                for output in self.outputs:
+                    output.start()
+                self.started = True
+
+    def stop(self, deadline: Optional[float] = None) -> None:
+        """Stop everything by ``deadline`` (``time.monotonic()``; default in STOP_SECONDS): the
+        loop first, so the outputs see no new work while they deliver what they hold."""
+        deadline = time.monotonic() + STOP_SECONDS if deadline is None else deadline
+        with self._lock:
+            self.loop.stop(deadline)
+            self.hub.close()
+            if self.started:
+                self.started = False
+                for output in reversed(self.outputs):
+                    try:
+                        output.stop(deadline)
+                    except Exception:
+                        log.exception("stopping output %s failed", output.name)
+            self.loop.close()
+
+    def pipeline(self, action: str) -> LoopState:
+        """``start``, ``stop``, ``pause`` or ``resume`` the loop (the outputs keep serving)."""
+        with self._lock:
+            if action == "start":
+                self.hub.reopen()
+                self.loop.start()
+            elif action == "stop":
+                self.loop.stop(time.monotonic() + STOP_SECONDS)
+            elif action == "pause":
+                self.loop.pause()
+            elif action == "resume":
+                self.loop.resume()
+            else:
+                raise ValueError(f"unknown pipeline action {action!r}")
+            return self.loop.state
+
+    # -- live changes ----------------------------------------------------------------------------
+    def apply(self, changes: Mapping[str, Any]) -> Settings:
+        """Validate and apply live settings; raises ConfigError, ModelError or SourceError (and
+        nothing changes) when one cannot be used."""
+        with self._lock:
+            new = self._settings.changed(changes)
+            model, source = self._load_beside(new, changes)
+            self.loop.swap(model=model, source=source)
+            if model is not None:
+                log.info("model switched to %s", model.info.name)
+            if source is not None:
+                log.info("source switching to %s", source.name)
+            self.hub.jpeg_quality = new.jpeg_quality
+            self._settings = new
+            self.loop.settings = new
+            for output in self.outputs:
+                output.apply(new)
+            return new
+
+    def _load_beside(self, new: Settings, changes: Mapping[str, Any]
+                     ) -> Tuple[Optional[Model], Optional[FrameSource]]:
+        """The new model and the new (opened) source ``changes`` ask for, or None each; either
+        fails and nothing is kept."""
+        model: Optional[Model] = None
+        source: Optional[FrameSource] = None
+        # Their threads (a model's pool, a source's decoders) must not inherit the calling
+        # serving thread's CPUs.
+        with unconfined():
+            if "model" in changes and new.model != self._settings.model:
+                model = self._model_factory(new)
+            if "source" in changes and new.source != self._settings.source:
+                try:
+                    source = self._source_factory(new)
+                    source.open()
+                except Exception:
+                    if source is not None:
+                        source.close()
+                    if model is not None:
+                        model.close()
+                    raise
+        return model, source

@@ -1,0 +1,483 @@
+"""Settings: every option of the product, declared once.
+
+One pydantic model. Each field carries its type and range, its help text, its CLI group and
+whether it may change while running; its flag (``--top-k``) and environment variable
+(``DEEPLENS_TOP_K``) follow from its name. The command line (``app/cli.py``) and the typed body
+of ``PATCH /api/config`` are generated from it. Values arrive as text (flags, env, the TOML file)
+or JSON (PATCH) and go through the same validation; defaults that depend on the model (a
+detector's threshold) are set by one validator, so every entry point gets them.
+
+A bad value raises :class:`ConfigError` naming the field and where the value came from, which
+the CLI renders as exit 2 naming the flag (or env var, or file line) and the API as a 422 whose
+``loc`` names the field.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import sys
+from collections.abc import Mapping
+from typing import Any, Dict, Optional, Tuple
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic.fields import FieldInfo
+from typing_extensions import Literal
+
+from inference.affinity import parse_loop_cpu
+from inference.models.catalog import model_type_of
+
+ENV_PREFIX = "DEEPLENS_"
+SSD_DEFAULT_THRESHOLD = 0.25
+"""The threshold of the DeepLens object- and face-detection samples."""
+
+MQTT_URL = re.compile(r"(mqtts?)://(?:([^@/\s]*)@)?([^@/\s:]+)(?::(\d{1,5}))?/?")
+
+
+class ConfigError(ValueError):
+    """A bad value for one setting. ``field`` is the settings name (``top_k``); ``origin`` says
+    where the value came from: ``flag``, ``env``, ``FILE, line N`` or empty (an API body)."""
+
+    def __init__(self, field: str, message: str, origin: str = "") -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+        self.origin = origin
+
+    @property
+    def option(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return ENV_PREFIX + self.field.upper()
+
+    def __str__(self) -> str:
+        if self.origin == "env":
+            return f"{self.option} (from {self.env}): {self.message}"
+        if self.origin and self.origin != "flag":
+            return f"--config: {self.origin}: {self.field}: {self.message}"
+        return f"{self.option}: {self.message}"
+
+
+def opt(default: Any, help: str, *, group: str = "pipeline", live: bool = False,
+        metavar: str = "", secret: bool = False, **constraints: Any) -> Any:
+    """A settings field: its default, help and range, and how the CLI and API show it."""
+    if isinstance(default, float) or (default is None and constraints):
+        constraints.setdefault("allow_inf_nan", False)  # nan passes every range check
+    extra: Dict[str, Any] = {"group": group, "live": live}
+    if metavar:
+        extra["metavar"] = metavar
+    if secret:
+        extra["secret"] = True
+    return Field(default, description=help, json_schema_extra=extra, **constraints)
+
+
+def _none_if_auto(value: Any) -> Any:
+    if isinstance(value, str) and value.strip().lower() in ("", "auto", "native"):
+        return None
+    return value
+
+
+def _numbers(value: Any, count: int, what: str) -> Any:
+    """``"224x224"``, ``"0.5,0.5,0.5"``, ``"0.5"`` or a list -> a tuple of ``count`` numbers."""
+    if isinstance(value, str):
+        parts = [p for p in re.split(r"[x,\s]+", value.strip().lower()) if p]
+        if len(parts) == 1 and count == 3:
+            parts *= 3
+        if len(parts) != count:
+            raise ValueError(f"expected {what}, got {value!r}")
+        return tuple(parts)
+    return value
+
+
+def redact_url(url: str) -> str:
+    """``url`` with the password of its user info masked, for logs and /api/config."""
+    return re.sub(r"(://[^:@/\s]*:)[^@/\s]*@", r"\1***@", url)
+
+
+class Settings(BaseModel):
+    """Every option. Frozen: a change makes a new, validated instance (:meth:`changed`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # -- source ----------------------------------------------------------------------------------
+    source: str = opt("", "frame source: awscam | demo | synthetic[:WxH][@FPS] | a video file | a "
+                      "webcam index (0) | an rtsp:// or http:// URL | an image, folder or glob of "
+                      "images (default: awscam on a DeepLens, else demo, the bundled bikes.mp4)",
+                      live=True, metavar="SOURCE")
+    source_fps: Optional[float] = opt(None, "pace of the source in frames per second: native "
+                                      "(files at their own fps, cameras as they come, images at 5), "
+                                      "or a number; 0 = unpaced", metavar="FPS|native", ge=0, le=240)
+    slide_interval: float = opt(3.0, "seconds each image stays up in an image slideshow",
+                                metavar="SECONDS", gt=0, le=86400)
+    # -- model -----------------------------------------------------------------------------------
+    model: str = opt("", "efficientnet-lite0 | catdog | centerface | an .onnx file | on the device "
+                     "an .xml, a Neo folder or an artifact name for mo.optimize (default: "
+                     "efficientnet-lite0, on a DeepLens the seed's cat/dog artifact)", live=True,
+                     metavar="MODEL")
+    model_type: Literal["", "classification", "ssd", "segmentation"] = opt(
+        "", "result type of a user model (built-in models know theirs)")
+    labels: str = opt("", "labels file: one name per line (line = id), 'id name' lines or a JSON "
+                      "object; 'imagenet' and 'voc' are built in", metavar="FILE")
+    input_size: Optional[Tuple[int, int]] = opt(None, "model input WxH (default: from the model)",
+                                                metavar="WxH")
+    color: Literal["auto", "rgb", "bgr"] = opt("auto", "colour order the model expects")
+    scale: Optional[float] = opt(None, "multiply pixels by this before mean/std (default 1/255 "
+                                 "for ONNX, none for awscam)", metavar="FACTOR", gt=0, le=1e6)
+    mean: Optional[Tuple[float, float, float]] = opt(
+        None, "per-channel mean subtracted after scaling", metavar="M|R,G,B")
+    std: Optional[Tuple[float, float, float]] = opt(
+        None, "per-channel std divided by after the mean", metavar="S|R,G,B")
+    center_crop: Optional[float] = opt(None, "centre-crop this fraction of the short side before "
+                                       "resizing (0.875 for ImageNet habits; 0 = whole frame)",
+                                       metavar="FRACTION", ge=0, le=1)
+    model_backend: Literal["auto", "onnx", "awscam"] = opt(
+        "auto", "run the model through ONNX Runtime or awscam.Model (auto: awscam for device "
+        "artifacts)")
+    device_gpu: bool = opt(True, "awscam.Model loading config {'GPU': 1} (on) or {'GPU': 0} (off)",
+                           metavar="on|off")
+    device_runtime: int = opt(0, "awscam.Model runtime: 0 = Intel DLDT (.xml), 1 = Neo (compiled "
+                              "folder)", metavar="0|1", ge=0, le=1)
+    mo_platform: Literal["mx", "MXNet", "tf", "TensorFlow", "caffe", "Caffe"] = opt(
+        "mx", "framework of an unoptimized artifact given to mo.optimize")
+    mo_aux: Dict[str, Any] = opt({}, "mo.optimize aux_inputs as JSON, e.g. "
+                                 "'{\"--epoch\": 0, \"--precision\": \"FP16\"}'", metavar="JSON")
+    threads: int = opt(0, "ONNX Runtime intra-op threads (0 = auto: one CPU left to serving, so 1 "
+                       "on 2 CPUs; 1 with --loop-cpu N; one per core with --loop-cpu off)",
+                       metavar="N", ge=0, le=64)
+    loop_cpu: str = opt("auto", "CPU the inference loop keeps to itself while the model sets the "
+                        "pace, the serving threads kept off it: auto (the last CPU, with 2 or more "
+                        "CPUs and a model on the CPU), off, or a CPU number", metavar="auto|off|N")
+    # -- results and display ---------------------------------------------------------------------
+    top_k: int = opt(5, "results kept per frame", live=True, metavar="K", ge=1, le=1000)
+    threshold: float = opt(0.0, "keep results with prob > threshold (default 0, detectors 0.25)",
+                           live=True, metavar="P", ge=0, le=1)
+    display_res: Literal["480p", "720p", "1080p", "native"] = opt(
+        "720p", "size the annotated frame is drawn at, at most (smaller sources keep their size): "
+        "480p (858x480) | 720p | 1080p | native", live=True)
+    overlay: bool = opt(True, "draw labels/boxes/masks and the fps line on the frame", live=True,
+                        metavar="on|off")
+    jpeg_quality: int = opt(80, "JPEG quality of the streams", live=True, metavar="Q", ge=10, le=100)
+    # -- server ----------------------------------------------------------------------------------
+    host: str = opt("0.0.0.0", "address the dashboard listens on", group="server", metavar="HOST",
+                    min_length=1)
+    port: int = opt(8080, "port of the dashboard (8000 is the Greengrass core's)", group="server",
+                    metavar="PORT", ge=1, le=65535)
+    token: str = opt("", "control token for changing settings (default: generated at start and "
+                     "logged once)", group="server", metavar="TOKEN", secret=True)
+    protect_views: bool = opt(False, "require the token for the stream, snapshot and results too",
+                              group="server", metavar="on|off")
+    max_viewers: int = opt(64, "concurrent MJPEG viewers allowed, and SSE subscribers; beyond: 503",
+                           group="server", metavar="N", ge=1, le=10000)
+    serving_nice: int = opt(10, "nice value the JPEG encoders, the FIFO writer and the IoT publisher "
+                            "add to their own, so the inference loop gets the CPU first (0 = same "
+                            "priority as the loop)", group="server", metavar="N", ge=0, le=19)
+    ssl_certfile: str = opt("", "serve HTTPS with this certificate (PEM)", group="server",
+                            metavar="FILE")
+    ssl_keyfile: str = opt("", "private key of --ssl-certfile (PEM)", group="server", metavar="FILE")
+    log_level: Literal["debug", "info", "warning", "error"] = opt("info", "log verbosity",
+                                                                  group="server")
+    # -- outputs ---------------------------------------------------------------------------------
+    fifo: str = opt("/tmp/results.mjpeg", "project-stream FIFO for mplayer, or 'off'",
+                    group="outputs", metavar="PATH|off", min_length=1)
+    fifo_res: Literal["480p", "720p", "1080p"] = opt(
+        "480p", "resolution written to the FIFO (a smaller source is written at its own size)",
+        group="outputs", live=True)
+    iot: Literal["auto", "greengrass", "mqtt", "log", "off"] = opt(
+        "auto", "where results are published: auto = greengrass inside a core, mqtt with --mqtt, "
+        "else log", group="outputs")
+    mqtt: str = opt("", "MQTT broker, mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (AWS IoT Core: "
+                    "mqtts://PREFIX-ats.iot.REGION.amazonaws.com with --mqtt-ca/-cert/-key); a user "
+                    "and password may come as mqtt://USER:PASSWORD@HOST, better by --mqtt-username "
+                    "and DEEPLENS_MQTT_PASSWORD or --mqtt-password-file", group="outputs",
+                    metavar="URL")
+    mqtt_ca: str = opt("", "CA certificate for mqtts://", group="outputs", metavar="FILE")
+    mqtt_cert: str = opt("", "client certificate for mqtts://", group="outputs", metavar="FILE")
+    mqtt_key: str = opt("", "client key for mqtts://", group="outputs", metavar="FILE")
+    mqtt_alpn: str = opt("auto", "TLS ALPN protocols for mqtts://: auto (x-amzn-mqtt-ca on port "
+                         "443, which AWS IoT Core needs there), off, or names separated by commas",
+                         group="outputs", metavar="auto|off|NAMES")
+    mqtt_client_id: str = opt("", "MQTT client id (default: the thing name, which AWS IoT "
+                              "policies usually expect)", group="outputs", metavar="ID")
+    mqtt_username: str = opt("", "user name for brokers that require a login", group="outputs",
+                             metavar="USER")
+    mqtt_password: str = opt("", "password for --mqtt-username (prefer the env var or "
+                             "--mqtt-password-file: a flag shows in the process list)",
+                             group="outputs", metavar="PASSWORD", secret=True)
+    mqtt_password_file: str = opt("", "file whose first line is the MQTT password",
+                                  group="outputs", metavar="FILE")
+    thing_name: str = opt("", "IoT thing (default: $AWS_IOT_THING_NAME, else "
+                          "deeplens-<hostname>)", group="outputs", metavar="NAME")
+    iot_topic: str = opt("$aws/things/{thing}/infer", "topic the results go to; {thing} is the "
+                         "thing name. The seed's $aws/... topic was published by a Greengrass core: "
+                         "AWS IoT Core reserves $-topics, so publishing to it directly use e.g. "
+                         "deeplens/{thing}/infer", group="outputs", metavar="TOPIC")
+    iot_queue: int = opt(1000, "messages kept while the broker is away, delivered in order when it "
+                         "is back; beyond, the oldest are dropped and counted", group="outputs",
+                         metavar="N", ge=1, le=100000)
+    iot_payload: Literal["seed", "rich"] = opt(
+        "seed", "seed = {label: prob} as the original Lambda; rich = seq, timestamp, model and "
+        "full results", group="outputs", live=True)
+    iot_max_rate: float = opt(0.0, "messages per second at most (0 = one per inference, as the "
+                              "seed)", group="outputs", live=True, metavar="PER_S", ge=0, le=1000)
+    iot_on_change: bool = opt(False, "publish only when the payload's labels change",
+                              group="outputs", live=True, metavar="on|off")
+
+    # -- parsing of text values -------------------------------------------------------------------
+    @field_validator("*", mode="before")
+    @classmethod
+    def _text(cls, value: Any) -> Any:
+        return value.strip() if isinstance(value, str) else value
+
+    @field_validator("top_k", "jpeg_quality", "port", "max_viewers", "serving_nice", "threads",
+                     "device_runtime", "iot_queue", mode="before")
+    @classmethod
+    def _no_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # True would pass as 1
+            raise ValueError(f"expected an integer, got {value!r}")
+        return value
+
+    @field_validator("source_fps", "scale", "center_crop", "input_size", "mean", "std", mode="before")
+    @classmethod
+    def _auto(cls, value: Any) -> Any:
+        return _none_if_auto(value)
+
+    @field_validator("input_size", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        return _numbers(value, 2, "WxH such as 224x224")
+
+    @field_validator("input_size")
+    @classmethod
+    def _size_range(cls, value: Optional[Tuple[int, int]]) -> Optional[Tuple[int, int]]:
+        if value is not None and not all(8 <= n <= 4096 for n in value):
+            raise ValueError(f"width and height must be 8..4096, got {value[0]}x{value[1]}")
+        return value
+
+    @field_validator("mean", "std", mode="before")
+    @classmethod
+    def _triple(cls, value: Any) -> Any:
+        return _numbers(value, 3, "one or three numbers")
+
+    @field_validator("mean", "std")
+    @classmethod
+    def _finite(cls, value: Optional[Tuple[float, float, float]], info: Any) -> Any:
+        if value is not None:
+            if not all(math.isfinite(n) for n in value):
+                raise ValueError("must be finite")
+            if info.field_name == "std" and 0.0 in value:
+                raise ValueError("must not be 0 (every pixel is divided by it)")
+        return value
+
+    @field_validator("mo_aux", mode="before")
+    @classmethod
+    def _json_object(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            if not value:
+                return {}
+            try:
+                value = json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"expected a JSON object ({exc})") from None
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a JSON object, got {value!r}")
+        return value
+
+    @field_validator("loop_cpu")
+    @classmethod
+    def _loop_cpu(cls, value: str) -> str:
+        return parse_loop_cpu(value)
+
+    @field_validator("mqtt")
+    @classmethod
+    def _mqtt_url(cls, value: str) -> str:
+        if not value:
+            return value
+        match = MQTT_URL.fullmatch(value)
+        if not match:
+            raise ValueError("expected mqtt://[USER[:PASSWORD]@]HOST[:PORT] or mqtts://..., got "
+                             f"{redact_url(value)!r}")
+        port = match.group(4)
+        if port is not None and not 1 <= int(port) <= 65535:
+            raise ValueError(f"port must be 1..65535, got {port}")
+        return value
+
+    @field_validator("iot_topic")
+    @classmethod
+    def _topic(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must not be empty")
+        if any(ch in value for ch in "+#\0"):
+            raise ValueError(f"a topic to publish to cannot hold the wildcards + or #, got {value!r}")
+        if len(value.encode("utf-8")) > 256:
+            raise ValueError("longer than 256 bytes (the AWS IoT Core topic limit)")
+        return value
+
+    @field_validator("mqtt_alpn")
+    @classmethod
+    def _alpn(cls, value: str) -> str:
+        if value.lower() in ("", "auto", "off"):
+            return value.lower() or "auto"
+        protocols = [p.strip() for p in value.split(",")]
+        if not all(protocols) or any(len(p) > 255 or not p.isprintable() for p in protocols):
+            raise ValueError(f"expected auto, off or protocol names separated by commas, got {value!r}")
+        return ",".join(protocols)
+
+    # -- defaults that depend on the model --------------------------------------------------------
+    @model_validator(mode="after")
+    def _model_defaults(self) -> Settings:
+        # A detector left at threshold 0 draws every low-confidence candidate: unless someone set
+        # a threshold, it gets the samples' 0.25. Not in model_fields_set, so a later change of
+        # model recomputes it.
+        if "threshold" not in self.model_fields_set:
+            kind = self.model_type or model_type_of(self.model)
+            object.__setattr__(self, "threshold", SSD_DEFAULT_THRESHOLD if kind == "ssd" else 0.0)
+        return self
+
+    # -- building and changing -------------------------------------------------------------------
+    @classmethod
+    def load(cls, flags: Optional[Mapping[str, Any]] = None, env: Optional[Mapping[str, str]] = None,
+             file: str = "", base: Optional[Mapping[str, Any]] = None) -> Settings:
+        """``base`` (e.g. the device's defaults), then the TOML ``file``, the ``DEEPLENS_*`` env
+        vars, then ``flags`` on top. Raises ConfigError naming where the bad value came from."""
+        env = os.environ if env is None else env
+        origins: Dict[str, str] = {}
+        values: Dict[str, Any] = dict(base or {})
+        if file:
+            from_file, lines = read_toml(file)
+            values.update(from_file)
+            origins.update({k: f"{file}, line {n}" if n else file for k, n in lines.items()})
+        for name in cls.model_fields:
+            if ENV_PREFIX + name.upper() in env:
+                values[name] = env[ENV_PREFIX + name.upper()]
+                origins[name] = "env"
+        for name, value in (flags or {}).items():
+            if name not in cls.model_fields:
+                raise ConfigError(name, f"unknown setting {name!r}", "flag")
+            values[name] = value
+            origins[name] = "flag"
+        return cls.build(values, origins)
+
+    @classmethod
+    def build(cls, values: Mapping[str, Any], origins: Optional[Mapping[str, str]] = None) -> Settings:
+        try:
+            return cls.model_validate(dict(values))
+        except ValidationError as exc:
+            raise config_error(exc, origins or {}) from None
+
+    def changed(self, changes: Mapping[str, Any]) -> Settings:
+        """A new instance with ``changes``, validated as a whole (model defaults recomputed)."""
+        unknown = [name for name in changes if name not in type(self).model_fields]
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown setting {unknown[0]!r}")
+        return self.build({**self.model_dump(exclude_unset=True), **changes})
+
+    def replace(self, **changes: Any) -> Settings:
+        return self.changed(changes)
+
+    def public(self) -> Dict[str, Any]:
+        """Every setting as JSON, secrets masked."""
+        out: Dict[str, Any] = self.model_dump(mode="json")
+        for name in SECRET_FIELDS:
+            out[name] = "***" if out[name] else ""
+        out["mqtt"] = redact_url(out["mqtt"])
+        return out
+
+
+def _extra(name: str) -> Dict[str, Any]:
+    extra = Settings.model_fields[name].json_schema_extra
+    return extra if isinstance(extra, dict) else {}
+
+
+LIVE_FIELDS = frozenset(n for n in Settings.model_fields if _extra(n).get("live"))
+SECRET_FIELDS = frozenset(n for n in Settings.model_fields if _extra(n).get("secret"))
+GROUPS = ("pipeline", "server", "outputs")
+
+
+def field_group(name: str) -> str:
+    return str(_extra(name).get("group", "pipeline"))
+
+
+def field_metavar(name: str) -> str:
+    return str(_extra(name).get("metavar", ""))
+
+
+def config_error(exc: ValidationError, origins: Mapping[str, str]) -> ConfigError:
+    """The first error of a validation, as a ConfigError naming its field and origin."""
+    error = exc.errors()[0]
+    loc = [str(part) for part in error.get("loc", ())]
+    field = loc[0] if loc else ""
+    message = str(error.get("msg", "invalid value"))
+    if message.startswith("Value error, "):
+        message = message[len("Value error, "):]
+    if field not in Settings.model_fields:
+        # An after-validator of the whole model, or an unknown name.
+        return ConfigError(field or "settings", message if field else message, origins.get(field, ""))
+    value = error.get("input")
+    if field not in SECRET_FIELDS and isinstance(value, (str, int, float)) and len(str(value)) < 80:
+        message = f"{message}, got {redact_url(str(value))!r}" if "got" not in message else message
+    return ConfigError(field, message, origins.get(field, ""))
+
+
+def read_toml(path: str) -> Tuple[Dict[str, Any], Dict[str, int]]:
+    """``option = value`` lines (names as the flags, ``-`` or ``_``) and each key's line number.
+    Raises ConfigError naming the file (and the line and key) for anything it cannot use."""
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python < 3.11
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as file:
+            raw = file.read()
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}", path) from None
+    try:
+        text = raw.decode("utf-8")
+        data = tomllib.loads(text)
+    except UnicodeDecodeError as exc:
+        raise ConfigError("config", f"not UTF-8 text ({exc.reason} at byte {exc.start})", path) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", str(exc), path) from None
+    values: Dict[str, Any] = {}
+    lines: Dict[str, int] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        line = _key_line(text, key)
+        if name not in Settings.model_fields:
+            where = f"{path}, line {line}" if line else path
+            raise ConfigError(name, f"unknown key {key!r}", where)
+        values[name] = value
+        lines[name] = line
+    return values, lines
+
+
+def _key_line(text: str, key: str) -> int:
+    pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
+    for number, line in enumerate(text.splitlines(), start=1):
+        if pattern.match(line):
+            return number
+    return 0
+
+
+def _patch_model() -> Any:
+    """The body of ``PATCH /api/config``: every live setting, optional, typed as in Settings (so
+    ``/openapi.json`` shows them); Settings validates the result as a whole."""
+    fields = {
+        name: (Optional[info.annotation], FieldInfo.merge_field_infos(info, default=None))
+        for name, info in Settings.model_fields.items() if name in LIVE_FIELDS
+    }
+    return create_model("ConfigPatch", __config__=ConfigDict(extra="forbid"), **fields)  # type: ignore[call-overload]
+
+
+ConfigPatch = _patch_model()

@@ -1,0 +1,97 @@
+"""Reading a camera that may fail: the source opened when needed, a failed read retried with
+backoff, the source reopened every third failure in a row (often what fixes a camera or a
+stream), and the reason kept for the NO SIGNAL frame and ``/health``. Nothing here ever raises
+to the loop."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable, Optional, Tuple
+
+from inference.logutil import RateLimitedLog
+from inference.types import FrameSource, Image
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF = 2.0
+REOPEN_AFTER_FAILURES = 3
+
+
+class Capture:
+    def __init__(self, factory: Callable[[], FrameSource]) -> None:
+        self._factory = factory
+        # Called on the reading thread right after a source opens (it may have started threads).
+        self.on_open: Callable[[], None] = lambda: None
+        self.source: Optional[FrameSource] = None
+        self._open = False
+        self._rl = RateLimitedLog(log)
+        self.failures = 0
+        self.consecutive_failures = 0
+        self.reopens = 0
+        self.last_error: Optional[str] = None
+
+    @property
+    def name(self) -> str:
+        return self.source.name if self.source is not None else "(no source)"
+
+    def read(self) -> Tuple[Optional[Image], str]:
+        """The next frame, or None and why not."""
+        try:
+            source = self.source
+            if source is None:
+                self.source = source = self._factory()
+            if not self._open:
+                source.open()
+                self._open = True
+                self.on_open()
+            frame = source.read()
+        except Exception as exc:
+            return None, str(exc) or type(exc).__name__
+        if frame is None:
+            return None, f"no frame from {source.name}"
+        if self.consecutive_failures:
+            log.info("source back after %d failed reads", self.consecutive_failures)
+        self.consecutive_failures = 0
+        self.last_error = None
+        return frame, ""
+
+    def failed(self, reason: str) -> int:
+        """Count a failed read; returns how many failed in a row."""
+        self.failures += 1
+        self.consecutive_failures += 1
+        self.last_error = reason
+        self._rl(logging.WARNING, "no frame (%s); retrying", reason)
+        if self.consecutive_failures % REOPEN_AFTER_FAILURES == 0:
+            self.close()
+            self.reopens += 1
+        return self.consecutive_failures
+
+    def backoff(self, stop: threading.Event) -> None:
+        """Wait before the next try: 0.1 s doubling up to MAX_BACKOFF, cut short by ``stop``."""
+        n = self.consecutive_failures
+        stop.wait(min(MAX_BACKOFF, 0.05 * 2 ** min(n, 6)))
+
+    def ready(self) -> bool:
+        """The next frame is waiting: the loop, not the source, sets the pace."""
+        try:
+            return self._open and self.source is not None and bool(self.source.ready())
+        except Exception:
+            return False
+
+    def replace(self, source: FrameSource) -> None:
+        """Read from ``source`` (already open) from now on; the old one is closed."""
+        self.close()
+        self.source = source
+        self._open = True
+        self.consecutive_failures = 0
+        self.last_error = None
+
+    def close(self) -> None:
+        if self.source is not None and self._open:
+            try:
+                self.source.close()
+            except Exception:
+                log.exception("closing the source failed")
+        self._open = False
+
