@@ -23,7 +23,7 @@ from inference.models import with_model_defaults  # noqa: E402
 
 log = logging.getLogger("app")
 
-COMMANDS = ("serve", "infer", "package-lambda")
+COMMANDS = ("serve", "infer", "package-lambda", "package-device")
 EXIT_USAGE = 2
 EXIT_START = 1
 
@@ -50,9 +50,36 @@ def _build() -> tuple[argparse.ArgumentParser, dict[str, argparse.ArgumentParser
     infer.add_argument("--frames", type=_positive_int, default=10,
                        help="frames to process before exiting (default 10)")
     add_arguments(infer, ("pipeline",))
-    package = sub.add_parser("package-lambda", help="build the Greengrass Lambda deployment zip")
+    package = sub.add_parser(
+        "package-lambda", help="build the Greengrass Lambda deployment zip",
+        description="Build the Greengrass Lambda zip (handler lambda_main.lambda_handler) from "
+        "wheels downloaded for the device's Python; numpy, OpenCV and the off-device models are "
+        "left out.",
+    )
     package.add_argument("-o", "--output", required=True, help="zip file to write")
-    return parser, {"serve": serve, "infer": infer, "package-lambda": package}
+    _add_target_arguments(package)
+    device = sub.add_parser(
+        "package-device", help="build the offline install bundle (tar.gz) for a device",
+        description="Build a self-contained tar.gz: the wheels of this product and its dependencies "
+        "for the device's Python, install.sh, a systemd unit and an example config. On the device: "
+        "tar xzf FILE && cd deeplens-dashboard-*/ && sudo ./install.sh",
+    )
+    device.add_argument("-o", "--output", required=True, help="tar.gz file to write")
+    _add_target_arguments(device)
+    return parser, {"serve": serve, "infer": infer, "package-lambda": package, "package-device": device}
+
+
+def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    # The defaults are the DeepLens's: the only Python that imports its awscam, glibc 2.23.
+    parser.add_argument("--python-version", default="3.7", metavar="X.Y",
+                        help="CPython version of the device (default: 3.7, the DeepLens's)")
+    parser.add_argument("--platform", default="manylinux2014_x86_64", metavar="PLATFORM",
+                        help="wheel platform of the device (default: manylinux2014_x86_64, "
+                        "x86_64 with glibc 2.17 or newer)")
+    parser.add_argument("--find-links", action="append", default=[], metavar="DIR|URL",
+                        help="also look for wheels here (passed to pip; repeatable)")
+    parser.add_argument("--no-index", action="store_true",
+                        help="do not use the package index, only --find-links (passed to pip)")
 
 
 def _positive_int(text: str) -> int:
@@ -84,11 +111,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     top, commands = _build()
     args = top.parse_args(_normalise_argv(sys.argv[1:] if argv is None else argv))
     parser = commands[args.command]
-    if args.command == "package-lambda":
-        from app.package import build_lambda_zip
+    if args.command in ("package-lambda", "package-device"):
+        from app import package
 
+        try:
+            target = package.Target.parse(args.python_version, args.platform)
+        except package.TargetError as exc:
+            parser.error(f"{exc.option}: {exc}")
         setup_logging()
-        return build_lambda_zip(args.output)
+        build = package.build_lambda_zip if args.command == "package-lambda" else package.build_device_bundle
+        return build(args.output, target, args.find_links, args.no_index)
     try:
         settings = with_model_defaults(from_args(args))
     except SettingError as exc:
