@@ -35,7 +35,7 @@ from inference.settings import (  # noqa: E402
 
 log = logging.getLogger("app")
 
-COMMANDS = ("serve", "infer", "package-lambda")
+COMMANDS = ("serve", "infer", "package-lambda", "package-device")
 EXIT_OK, EXIT_START, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
 
 
@@ -61,10 +61,35 @@ def _parsers() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentPars
     infer.add_argument("--frames", type=_positive_int, default=10,
                        help="frames to process before exiting (default 10)")
     add_settings_arguments(infer, ("pipeline",))
-    package = sub.add_parser("package-lambda", allow_abbrev=False,
-                             help="build the Greengrass Lambda deployment zip")
+    package = sub.add_parser(
+        "package-lambda", allow_abbrev=False, help="build the Greengrass Lambda deployment zip",
+        description="Build the Greengrass Lambda zip (handler lambda_main.lambda_handler) from "
+        "wheels downloaded for the device's Python; numpy, OpenCV and the off-device models are "
+        "left out.")
     package.add_argument("-o", "--output", required=True, help="zip file to write")
-    return top, {"serve": serve, "infer": infer, "package-lambda": package}
+    _add_target_arguments(package)
+    device = sub.add_parser(
+        "package-device", allow_abbrev=False,
+        help="build the offline install bundle (tar.gz) for a device",
+        description="Build a self-contained tar.gz: the wheels of this product and its dependencies "
+        "for the device's Python, install.sh, a systemd unit and an example config. On the device: "
+        "tar xzf FILE && cd deeplens-dashboard-*/ && sudo ./install.sh")
+    device.add_argument("-o", "--output", required=True, help="tar.gz file to write")
+    _add_target_arguments(device)
+    return top, {"serve": serve, "infer": infer, "package-lambda": package, "package-device": device}
+
+
+def _add_target_arguments(parser: argparse.ArgumentParser) -> None:
+    # The defaults are the DeepLens's: the only Python that imports its awscam, glibc 2.23.
+    parser.add_argument("--python-version", default="3.7", metavar="X.Y",
+                        help="CPython version of the device (default: 3.7, the DeepLens's)")
+    parser.add_argument("--platform", default="manylinux2014_x86_64", metavar="PLATFORM",
+                        help="wheel platform of the device (default: manylinux2014_x86_64, "
+                        "x86_64 with glibc 2.17 or newer)")
+    parser.add_argument("--find-links", action="append", default=[], metavar="DIR|URL",
+                        help="also look for wheels here (passed to pip; repeatable)")
+    parser.add_argument("--no-index", action="store_true",
+                        help="do not use the package index, only --find-links (passed to pip)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,11 +159,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         args_list.insert(0, "serve")
     args = top.parse_args(args_list)
     parser = commands[args.command]
-    if args.command == "package-lambda":
-        from app.package import build_lambda_zip
+    if args.command in ("package-lambda", "package-device"):
+        from app import package
 
+        try:
+            target = package.Target.parse(args.python_version, args.platform)
+        except package.TargetError as exc:
+            parser.error(f"{exc.option}: {exc}")
         setup_logging()
-        return build_lambda_zip(args.output)
+        build = package.build_lambda_zip if args.command == "package-lambda" else package.build_device_bundle
+        return build(args.output, target, args.find_links, args.no_index)
     try:
         settings = settings_from(args)
         setup_logging(settings.log_level)
