@@ -16,7 +16,8 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Tuple
 
 from inference.affinity import unconfined
-from inference.outputs.base import Output, build_outputs
+from inference.outputs import build_outputs
+from inference.outputs.base import Output
 from inference.pipeline.frames import FrameHub
 from inference.pipeline.loop import InferenceLoop, LoopState
 from inference.settings import Settings

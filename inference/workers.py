@@ -32,6 +32,7 @@ class Worker:
     """
 
     name = "worker"
+    thread_name = ""  # the thread's name, when not ``name`` (an output's name is its API key)
     serving = False  # a serving thread: off the loop's CPU, at a lower priority
     daemon = True  # False: the thread keeps the process alive (the Lambda's keep-alive)
     nice = 0  # added to a serving thread's nice value (--serving-nice)
@@ -49,7 +50,8 @@ class Worker:
         if self.alive:
             return
         self.stopping = threading.Event()
-        self._thread = threading.Thread(target=self._main, name=self.name, daemon=self.daemon)
+        self._thread = threading.Thread(target=self._main, name=self.thread_name or self.name,
+                                        daemon=self.daemon)
         self._thread.start()
 
     def _main(self) -> None:

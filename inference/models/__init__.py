@@ -69,7 +69,7 @@ def load_model(settings: Settings) -> Model:
 
 
 def _efficientnet(name: str, settings: Settings, threads: int) -> Model:
-    from inference.models import parse
+    import inference.models.parse as parse
     from inference.models.labels import builtin_labels
     from inference.models.onnx import OnnxModel
     from inference.models.preprocess import Preprocess
@@ -96,7 +96,7 @@ def _efficientnet(name: str, settings: Settings, threads: int) -> Model:
 
 
 def _centerface(settings: Settings, threads: int) -> Model:
-    from inference.models import centerface as cf
+    import inference.models.centerface as cf
     from inference.models.onnx import OnnxModel
     from inference.models.preprocess import Preprocess
 

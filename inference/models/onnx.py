@@ -9,7 +9,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from inference.models import parse
+import inference.models.parse as parse
 from inference.models.preprocess import Preprocess
 from inference.types import Image, ModelError, ModelInfo, ModelType, Parsed, RawOutputs
 

@@ -1,5 +1,4 @@
-"""What an output is (the FIFO, the IoT topic), the error a bad output setting raises, and the
-outputs the settings ask for.
+"""What an output is (the FIFO, the IoT topic) and the error a bad output setting raises.
 
 An output is a consumer of the frame hub with its own thread. A setting that cannot work (a FIFO
 path that is a regular file, ``--iot mqtt`` without a broker, a missing certificate) raises
@@ -8,11 +7,10 @@ path that is a regular file, ``--iot mqtt`` without a broker, a missing certific
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Tuple
 
 from typing_extensions import Protocol
 
-from inference.pipeline.frames import FrameHub
 from inference.settings import Settings
 
 
@@ -43,16 +41,3 @@ class Output(Protocol):
         """Take the live settings that concern it."""
         ...
 
-
-def build_outputs(settings: Settings, hub: FrameHub) -> List[Output]:
-    """The FIFO unless ``--fifo off``, the IoT topic unless ``--iot off``."""
-    outputs: List[Output] = []
-    if settings.fifo.lower() != "off":
-        from inference.outputs.fifo import FifoWriter
-
-        outputs.append(FifoWriter(settings.fifo, hub, settings.fifo_res, nice=settings.serving_nice))
-    if settings.iot != "off":
-        from inference.outputs.iot import IotOutput
-
-        outputs.append(IotOutput.build(settings, hub))
-    return outputs

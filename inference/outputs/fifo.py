@@ -70,7 +70,8 @@ def _unread_bytes(fd: int) -> int | None:
 
 
 class FifoWriter(Worker):
-    name = "fifo-writer"
+    name = "fifo"  # its key in /health, /api/stats and /metrics
+    thread_name = "fifo-writer"
     serving = True
 
     def __init__(

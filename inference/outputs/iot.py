@@ -493,7 +493,8 @@ class _Message:
 
 
 class IotOutput(Worker):
-    name = "iot-publisher"
+    name = "iot"  # its key in /health, /api/stats and /metrics
+    thread_name = "iot-publisher"
     serving = True
 
     @classmethod
