@@ -13,12 +13,14 @@ from pathlib import Path
 from typing import Optional
 
 import jinja2
-from fastapi import FastAPI
+from fastapi import FastAPI, Request, Response
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException
 
 from app.broadcast import Broadcaster
 from app.limits import BodyLimit
-from app.routes import control, health, results, stream
+from app.routes import control, field_error, health, results, stream
 from app.routes.health import make_registry
 from app.security import new_token
 from inference.affinity import serving_thread
@@ -67,7 +69,19 @@ def create_app(service: Service, token: Optional[str] = None) -> FastAPI:
     app.include_router(health.router)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.add_middleware(BodyLimit)
+    app.add_exception_handler(HTTPException, _body_not_text)
     return app
+
+
+async def _body_not_text(request: Request, exc: Exception) -> Response:
+    """A JSON body that is not UTF-8 is a 422 naming the body, as any other body that is not
+    JSON: FastAPI answers it with a bare "400 There was an error parsing the body"."""
+    assert isinstance(exc, HTTPException)
+    cause = exc.__cause__
+    if exc.status_code == 400 and isinstance(cause, UnicodeDecodeError):
+        return field_error("", f"the body is not valid JSON: not UTF-8 ({cause.reason} at byte "
+                           f"{cause.start})")
+    return await http_exception_handler(request, exc)
 
 
 def begin_shutdown(app: FastAPI) -> None:

@@ -24,12 +24,12 @@ import uvicorn  # noqa: E402
 from fastapi import FastAPI  # noqa: E402
 from fastapi.responses import StreamingResponse  # noqa: E402
 
-from inference.config import Settings  # noqa: E402
-from inference.loop import InferenceLoop  # noqa: E402
+from inference.service import Service  # noqa: E402
+from inference.settings import Settings  # noqa: E402
 
 
-def build(settings: Settings) -> tuple[FastAPI, InferenceLoop]:
-    loop = InferenceLoop(settings)
+def build(settings: Settings) -> tuple[FastAPI, Service]:
+    loop = Service(settings)
     app = FastAPI()
     lock = threading.Lock()
     counters = {"encodes": 0}
@@ -67,13 +67,13 @@ def main() -> int:
     args = parser.parse_args()
     settings = Settings(source=args.source, model=args.model, threads=args.threads, overlay=True,
                         display_res="720p")
-    app, loop = build(settings)
-    loop.prepare()
-    loop.start()
+    app, service = build(settings)
+    service.prepare()
+    service.start()
     try:
         uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning")
     finally:
-        loop.close()
+        service.stop()
     return 0
 
 

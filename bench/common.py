@@ -31,10 +31,13 @@ from typing import Any
 import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
+# The product tree the benchmarked dashboards run from: this checkout, or BENCH_PRODUCT (another
+# checkout, to measure two versions of the code with the same benchmark).
+PRODUCT = Path(os.environ.get("BENCH_PRODUCT") or ROOT)
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from inference.config import Settings  # noqa: E402
+from inference.settings import Settings  # noqa: E402
 
 MODEL = "efficientnet-lite0"
 # ONNX Runtime intra-op threads: on 2 shared cores, 1 thread is faster than 2. BENCH_THREADS=N
@@ -64,8 +67,8 @@ def demo_clip() -> str:
 
 
 def child_env() -> dict[str, str]:
-    """The environment of the processes we start: this checkout first on the path."""
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    """The environment of the processes we start: the product tree first on the path."""
+    path = os.pathsep.join(p for p in (str(PRODUCT), os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "PYTHONPATH": path}
 
 
@@ -154,7 +157,7 @@ def dashboard(source: str, *extra: str, min_published: int = 30,
     cmd = [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(port),
            "--source", source, "--model", MODEL, "--threads", THREADS,
            "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=child_env())
+    proc = subprocess.Popen(cmd, cwd=PRODUCT, env=child_env())
     server = Server(proc, port)
     try:
         deadline = time.monotonic() + timeout
@@ -487,10 +490,8 @@ def loop_breakdown(s0: tuple[float, float], s1: tuple[float, float], frames: int
 
 def model_step(model: Any, frame: Any) -> Any:
     """One frame of the model's own work, as the dashboard's loop does it: preprocess, infer and
-    the parse cut to the dashboard's top-k (``parse_first``: only those entries are built)."""
-    from inference.models.parse import parse_first
-
-    return parse_first(model, model.infer(model.preprocess(frame)), TOP_K)
+    the parse cut to the dashboard's top-k (``parse_top``: only those entries are built)."""
+    return model.parse_top(model.infer(model.preprocess(frame)), TOP_K)
 
 
 def model_only_worker(source: str, source_fps: float | None, warmup: float,

@@ -25,10 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import cv2  # noqa: E402
 
-from inference.config import Settings  # noqa: E402
-from inference.loop import InferenceLoop  # noqa: E402
 from inference.models import load_model  # noqa: E402
-from inference.models.parse import parse_first  # noqa: E402
+from inference.service import Service  # noqa: E402
+from inference.settings import Settings  # noqa: E402
 from inference.sources.video import demo_clip  # noqa: E402
 from inference.types import Image, Model  # noqa: E402
 
@@ -64,6 +63,9 @@ class MemorySource:
         # The loop draws on what it gets; a copy stands for the fresh buffer a camera hands out.
         return frame.copy()
 
+    def ready(self) -> bool:
+        return True
+
     def close(self) -> None:
         pass
 
@@ -72,16 +74,16 @@ def model_only(model: Model, frames: list[Image], top_k: int) -> float:
     start = time.perf_counter()
     for frame in frames:
         # The parse cut to top-k, built as the loop builds it.
-        parse_first(model, model.infer(model.preprocess(frame)), top_k)
+        model.parse_top(model.infer(model.preprocess(frame)), top_k)
     return len(frames) / (time.perf_counter() - start)
 
 
 def loop_fps(model: Model, frames: list[Image], settings: Settings) -> float:
-    loop = InferenceLoop(settings, source_factory=lambda s: MemorySource(frames),
-                         model_factory=lambda s: model)
-    loop.prepare()
-    loop.start()
-    hub = loop.hub
+    service = Service(settings, source_factory=lambda s: MemorySource(frames),
+                      model_factory=lambda s: model)
+    service.prepare()
+    service.start()
+    hub = service.hub
     first = hub.wait_newer(0, 10)
     assert first is not None
     t0, seq0 = time.perf_counter(), first.seq
@@ -93,7 +95,7 @@ def loop_fps(model: Model, frames: list[Image], settings: Settings) -> float:
         item.image  # noqa: B018 - the first consumer draws the frame (resize + overlay)
         seq = item.seq
     fps = (seq - seq0) / (time.perf_counter() - t0)
-    loop.stop()
+    service.stop()
     return fps
 
 
@@ -108,7 +110,7 @@ def bench(name: str, frames: list[Image], repeats: int, **kw: Any) -> dict[str, 
         lp.append(loop_fps(model, frames, settings))
     return {"model_only": statistics.median(m), "loop": statistics.median(lp),
             "ratio": statistics.median(lp) / statistics.median(m),
-            "ratio_min": min(b / a for a, b in zip(m, lp, strict=True))}
+            "ratio_min": min(b / a for a, b in zip(m, lp))}
 
 
 def main() -> None:

@@ -98,8 +98,8 @@ def model_only_forever(source: str, counter: Any, pin: bool = False) -> None:
     ``pin``: the loop thread on the CPU the dashboard's ``--loop-cpu auto`` picks (its decoder
     threads, started before, keep every CPU, as the dashboard gives them)."""
     from inference.affinity import available_cpus, choose_cpu
-    from inference.config import Settings
     from inference.models import load_model
+    from inference.settings import Settings
     from inference.sources import make_source
 
     model = load_model(Settings(model=MODEL, threads=int(THREADS)))
@@ -360,8 +360,8 @@ def serving_cpus() -> set[int]:
 
 def probe_worker(source: str, seconds: float) -> float:
     """The model alone on one decoded frame, no other thread: fps over ``seconds``."""
-    from inference.config import Settings
     from inference.models import load_model
+    from inference.settings import Settings
     from inference.sources import make_source
 
     model = load_model(Settings(model=MODEL, threads=int(THREADS)))

@@ -82,8 +82,8 @@ def main() -> int:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
-    from inference.config import Settings
     from inference.models import load_model
+    from inference.settings import Settings
     from inference.sources import make_source
 
     url = urllib.parse.urlsplit(args.mqtt)

@@ -172,14 +172,14 @@ class Service:
         with self._lock:
             new = self._settings.changed(changes)
             model, source = self._load_beside(new, changes)
+            self.hub.jpeg_quality = new.jpeg_quality
+            self._settings = new
+            self.loop.settings = new  # before the swap: a new model never runs on old settings
             self.loop.swap(model=model, source=source)
             if model is not None:
                 log.info("model switched to %s", model.info.name)
             if source is not None:
                 log.info("source switching to %s", source.name)
-            self.hub.jpeg_quality = new.jpeg_quality
-            self._settings = new
-            self.loop.settings = new
             for output in self.outputs:
                 output.apply(new)
             return new

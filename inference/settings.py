@@ -20,10 +20,12 @@ import os
 import re
 import sys
 from collections.abc import Mapping
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -32,7 +34,7 @@ from pydantic import (
     model_validator,
 )
 from pydantic.fields import FieldInfo
-from typing_extensions import Literal
+from typing_extensions import Annotated, Literal
 
 from inference.affinity import parse_loop_cpu
 from inference.models.catalog import model_type_of
@@ -83,40 +85,129 @@ def opt(default: Any, help: str, *, group: str = "pipeline", live: bool = False,
     return Field(default, description=help, json_schema_extra=extra, **constraints)
 
 
+def redact_url(url: str) -> str:
+    """``url`` with the password of its user info masked, for logs and /api/config."""
+    return re.sub(r"(://[^:@/\s]*:)[^@/\s]*@", r"\1***@", url)
+
+
+# -- value types: how text from a flag, an env var or the file becomes a value -----------------------
 def _none_if_auto(value: Any) -> Any:
     if isinstance(value, str) and value.strip().lower() in ("", "auto", "native"):
         return None
     return value
 
 
-def _numbers(value: Any, count: int, what: str) -> Any:
+def _numbers(count: int, what: str) -> Callable[[Any], Any]:
     """``"224x224"``, ``"0.5,0.5,0.5"``, ``"0.5"`` or a list -> a tuple of ``count`` numbers."""
-    if isinstance(value, str):
-        parts = [p for p in re.split(r"[x,\s]+", value.strip().lower()) if p]
-        if len(parts) == 1 and count == 3:
-            parts *= 3
-        if len(parts) != count:
-            raise ValueError(f"expected {what}, got {value!r}")
-        return tuple(parts)
+
+    def parse(value: Any) -> Any:
+        value = _none_if_auto(value)
+        if isinstance(value, str):
+            parts = [p for p in re.split(r"[x,\s]+", value.strip().lower()) if p]
+            if len(parts) == 1 and count == 3:
+                parts *= 3
+            if len(parts) != count:
+                raise ValueError(f"expected {what}, got {value!r}")
+            return tuple(parts)
+        return value
+
+    return parse
+
+
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # True would pass as 1
+        raise ValueError(f"expected an integer, got {value!r}")
     return value
 
 
-def redact_url(url: str) -> str:
-    """``url`` with the password of its user info masked, for logs and /api/config."""
-    return re.sub(r"(://[^:@/\s]*:)[^@/\s]*@", r"\1***@", url)
+def _size_range(value: Optional[Tuple[int, int]]) -> Optional[Tuple[int, int]]:
+    if value is not None and not all(8 <= n <= 4096 for n in value):
+        raise ValueError(f"width and height must be 8..4096, got {value[0]}x{value[1]}")
+    return value
+
+
+def _finite(value: Optional[Tuple[float, ...]]) -> Optional[Tuple[float, ...]]:
+    if value is not None and not all(math.isfinite(n) for n in value):
+        raise ValueError("must be finite")
+    return value
+
+
+def _nonzero(value: Optional[Tuple[float, ...]]) -> Optional[Tuple[float, ...]]:
+    if value is not None and 0.0 in value:
+        raise ValueError("must not be 0 (every pixel is divided by it)")
+    return value
+
+
+def _json_object(value: Any) -> Any:
+    if isinstance(value, str):
+        if not value:
+            return {}
+        try:
+            value = json.loads(value)
+        except ValueError as exc:
+            raise ValueError(f"expected a JSON object ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a JSON object, got {value!r}")
+    return value
+
+
+def _mqtt_url(value: str) -> str:
+    if not value:
+        return value
+    match = MQTT_URL.fullmatch(value)
+    if not match:
+        raise ValueError("expected mqtt://[USER[:PASSWORD]@]HOST[:PORT] or mqtts://..., got "
+                         f"{redact_url(value)!r}")
+    port = match.group(4)
+    if port is not None and not 1 <= int(port) <= 65535:
+        raise ValueError(f"port must be 1..65535, got {port}")
+    return value
+
+
+def _topic(value: str) -> str:
+    if not value:
+        raise ValueError("must not be empty")
+    if any(ch in value for ch in "+#\0"):
+        raise ValueError(f"a topic to publish to cannot hold the wildcards + or #, got {value!r}")
+    if len(value.encode("utf-8")) > 256:
+        raise ValueError("longer than 256 bytes (the AWS IoT Core topic limit)")
+    return value
+
+
+def _alpn(value: str) -> str:
+    if value.lower() in ("", "auto", "off"):
+        return value.lower() or "auto"
+    protocols = [p.strip() for p in value.split(",")]
+    if not all(protocols) or any(len(p) > 255 or not p.isprintable() for p in protocols):
+        raise ValueError(f"expected auto, off or protocol names separated by commas, got {value!r}")
+    return ",".join(protocols)
+
+
+Count = Annotated[int, BeforeValidator(_no_bool)]
+Auto = Annotated[Optional[float], BeforeValidator(_none_if_auto)]
+Size = Annotated[Optional[Tuple[int, int]], BeforeValidator(_numbers(2, "WxH such as 224x224")),
+                 AfterValidator(_size_range)]
+Triple = Annotated[Optional[Tuple[float, float, float]],
+                   BeforeValidator(_numbers(3, "one or three numbers")), AfterValidator(_finite)]
+JsonObject = Annotated[Dict[str, Any], BeforeValidator(_json_object)]
+LoopCpu = Annotated[str, AfterValidator(parse_loop_cpu)]
+MqttUrl = Annotated[str, AfterValidator(_mqtt_url)]
+Topic = Annotated[str, AfterValidator(_topic)]
+Alpn = Annotated[str, AfterValidator(_alpn)]
 
 
 class Settings(BaseModel):
     """Every option. Frozen: a change makes a new, validated instance (:meth:`changed`)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # protected_namespaces: model_type and model_backend are options, not pydantic's own names.
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
 
     # -- source ----------------------------------------------------------------------------------
     source: str = opt("", "frame source: awscam | demo | synthetic[:WxH][@FPS] | a video file | a "
                       "webcam index (0) | an rtsp:// or http:// URL | an image, folder or glob of "
                       "images (default: awscam on a DeepLens, else demo, the bundled bikes.mp4)",
                       live=True, metavar="SOURCE")
-    source_fps: Optional[float] = opt(None, "pace of the source in frames per second: native "
+    source_fps: Auto = opt(None, "pace of the source in frames per second: native "
                                       "(files at their own fps, cameras as they come, images at 5), "
                                       "or a number; 0 = unpaced", metavar="FPS|native", ge=0, le=240)
     slide_interval: float = opt(3.0, "seconds each image stays up in an image slideshow",
@@ -130,16 +221,16 @@ class Settings(BaseModel):
         "", "result type of a user model (built-in models know theirs)")
     labels: str = opt("", "labels file: one name per line (line = id), 'id name' lines or a JSON "
                       "object; 'imagenet' and 'voc' are built in", metavar="FILE")
-    input_size: Optional[Tuple[int, int]] = opt(None, "model input WxH (default: from the model)",
+    input_size: Size = opt(None, "model input WxH (default: from the model)",
                                                 metavar="WxH")
     color: Literal["auto", "rgb", "bgr"] = opt("auto", "colour order the model expects")
-    scale: Optional[float] = opt(None, "multiply pixels by this before mean/std (default 1/255 "
+    scale: Auto = opt(None, "multiply pixels by this before mean/std (default 1/255 "
                                  "for ONNX, none for awscam)", metavar="FACTOR", gt=0, le=1e6)
-    mean: Optional[Tuple[float, float, float]] = opt(
+    mean: Triple = opt(
         None, "per-channel mean subtracted after scaling", metavar="M|R,G,B")
-    std: Optional[Tuple[float, float, float]] = opt(
+    std: Annotated[Triple, AfterValidator(_nonzero)] = opt(
         None, "per-channel std divided by after the mean", metavar="S|R,G,B")
-    center_crop: Optional[float] = opt(None, "centre-crop this fraction of the short side before "
+    center_crop: Auto = opt(None, "centre-crop this fraction of the short side before "
                                        "resizing (0.875 for ImageNet habits; 0 = whole frame)",
                                        metavar="FRACTION", ge=0, le=1)
     model_backend: Literal["auto", "onnx", "awscam"] = opt(
@@ -147,20 +238,20 @@ class Settings(BaseModel):
         "artifacts)")
     device_gpu: bool = opt(True, "awscam.Model loading config {'GPU': 1} (on) or {'GPU': 0} (off)",
                            metavar="on|off")
-    device_runtime: int = opt(0, "awscam.Model runtime: 0 = Intel DLDT (.xml), 1 = Neo (compiled "
+    device_runtime: Count = opt(0, "awscam.Model runtime: 0 = Intel DLDT (.xml), 1 = Neo (compiled "
                               "folder)", metavar="0|1", ge=0, le=1)
     mo_platform: Literal["mx", "MXNet", "tf", "TensorFlow", "caffe", "Caffe"] = opt(
         "mx", "framework of an unoptimized artifact given to mo.optimize")
-    mo_aux: Dict[str, Any] = opt({}, "mo.optimize aux_inputs as JSON, e.g. "
+    mo_aux: JsonObject = opt({}, "mo.optimize aux_inputs as JSON, e.g. "
                                  "'{\"--epoch\": 0, \"--precision\": \"FP16\"}'", metavar="JSON")
-    threads: int = opt(0, "ONNX Runtime intra-op threads (0 = auto: one CPU left to serving, so 1 "
+    threads: Count = opt(0, "ONNX Runtime intra-op threads (0 = auto: one CPU left to serving, so 1 "
                        "on 2 CPUs; 1 with --loop-cpu N; one per core with --loop-cpu off)",
                        metavar="N", ge=0, le=64)
-    loop_cpu: str = opt("auto", "CPU the inference loop keeps to itself while the model sets the "
+    loop_cpu: LoopCpu = opt("auto", "CPU the inference loop keeps to itself while the model sets the "
                         "pace, the serving threads kept off it: auto (the last CPU, with 2 or more "
                         "CPUs and a model on the CPU), off, or a CPU number", metavar="auto|off|N")
     # -- results and display ---------------------------------------------------------------------
-    top_k: int = opt(5, "results kept per frame", live=True, metavar="K", ge=1, le=1000)
+    top_k: Count = opt(5, "results kept per frame", live=True, metavar="K", ge=1, le=1000)
     threshold: float = opt(0.0, "keep results with prob > threshold (default 0, detectors 0.25)",
                            live=True, metavar="P", ge=0, le=1)
     display_res: Literal["480p", "720p", "1080p", "native"] = opt(
@@ -168,19 +259,19 @@ class Settings(BaseModel):
         "480p (858x480) | 720p | 1080p | native", live=True)
     overlay: bool = opt(True, "draw labels/boxes/masks and the fps line on the frame", live=True,
                         metavar="on|off")
-    jpeg_quality: int = opt(80, "JPEG quality of the streams", live=True, metavar="Q", ge=10, le=100)
+    jpeg_quality: Count = opt(80, "JPEG quality of the streams", live=True, metavar="Q", ge=10, le=100)
     # -- server ----------------------------------------------------------------------------------
     host: str = opt("0.0.0.0", "address the dashboard listens on", group="server", metavar="HOST",
                     min_length=1)
-    port: int = opt(8080, "port of the dashboard (8000 is the Greengrass core's)", group="server",
+    port: Count = opt(8080, "port of the dashboard (8000 is the Greengrass core's)", group="server",
                     metavar="PORT", ge=1, le=65535)
     token: str = opt("", "control token for changing settings (default: generated at start and "
                      "logged once)", group="server", metavar="TOKEN", secret=True)
     protect_views: bool = opt(False, "require the token for the stream, snapshot and results too",
                               group="server", metavar="on|off")
-    max_viewers: int = opt(64, "concurrent MJPEG viewers allowed, and SSE subscribers; beyond: 503",
+    max_viewers: Count = opt(64, "concurrent MJPEG viewers allowed, and SSE subscribers; beyond: 503",
                            group="server", metavar="N", ge=1, le=10000)
-    serving_nice: int = opt(10, "nice value the JPEG encoders, the FIFO writer and the IoT publisher "
+    serving_nice: Count = opt(10, "nice value the JPEG encoders, the FIFO writer and the IoT publisher "
                             "add to their own, so the inference loop gets the CPU first (0 = same "
                             "priority as the loop)", group="server", metavar="N", ge=0, le=19)
     ssl_certfile: str = opt("", "serve HTTPS with this certificate (PEM)", group="server",
@@ -197,7 +288,7 @@ class Settings(BaseModel):
     iot: Literal["auto", "greengrass", "mqtt", "log", "off"] = opt(
         "auto", "where results are published: auto = greengrass inside a core, mqtt with --mqtt, "
         "else log", group="outputs")
-    mqtt: str = opt("", "MQTT broker, mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (AWS IoT Core: "
+    mqtt: MqttUrl = opt("", "MQTT broker, mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (AWS IoT Core: "
                     "mqtts://PREFIX-ats.iot.REGION.amazonaws.com with --mqtt-ca/-cert/-key); a user "
                     "and password may come as mqtt://USER:PASSWORD@HOST, better by --mqtt-username "
                     "and DEEPLENS_MQTT_PASSWORD or --mqtt-password-file", group="outputs",
@@ -205,7 +296,7 @@ class Settings(BaseModel):
     mqtt_ca: str = opt("", "CA certificate for mqtts://", group="outputs", metavar="FILE")
     mqtt_cert: str = opt("", "client certificate for mqtts://", group="outputs", metavar="FILE")
     mqtt_key: str = opt("", "client key for mqtts://", group="outputs", metavar="FILE")
-    mqtt_alpn: str = opt("auto", "TLS ALPN protocols for mqtts://: auto (x-amzn-mqtt-ca on port "
+    mqtt_alpn: Alpn = opt("auto", "TLS ALPN protocols for mqtts://: auto (x-amzn-mqtt-ca on port "
                          "443, which AWS IoT Core needs there), off, or names separated by commas",
                          group="outputs", metavar="auto|off|NAMES")
     mqtt_client_id: str = opt("", "MQTT client id (default: the thing name, which AWS IoT "
@@ -219,11 +310,11 @@ class Settings(BaseModel):
                                   group="outputs", metavar="FILE")
     thing_name: str = opt("", "IoT thing (default: $AWS_IOT_THING_NAME, else "
                           "deeplens-<hostname>)", group="outputs", metavar="NAME")
-    iot_topic: str = opt("$aws/things/{thing}/infer", "topic the results go to; {thing} is the "
+    iot_topic: Topic = opt("$aws/things/{thing}/infer", "topic the results go to; {thing} is the "
                          "thing name. The seed's $aws/... topic was published by a Greengrass core: "
                          "AWS IoT Core reserves $-topics, so publishing to it directly use e.g. "
                          "deeplens/{thing}/infer", group="outputs", metavar="TOPIC")
-    iot_queue: int = opt(1000, "messages kept while the broker is away, delivered in order when it "
+    iot_queue: Count = opt(1000, "messages kept while the broker is away, delivered in order when it "
                          "is back; beyond, the oldest are dropped and counted", group="outputs",
                          metavar="N", ge=1, le=100000)
     iot_payload: Literal["seed", "rich"] = opt(
@@ -234,105 +325,10 @@ class Settings(BaseModel):
     iot_on_change: bool = opt(False, "publish only when the payload's labels change",
                               group="outputs", live=True, metavar="on|off")
 
-    # -- parsing of text values -------------------------------------------------------------------
     @field_validator("*", mode="before")
     @classmethod
     def _text(cls, value: Any) -> Any:
         return value.strip() if isinstance(value, str) else value
-
-    @field_validator("top_k", "jpeg_quality", "port", "max_viewers", "serving_nice", "threads",
-                     "device_runtime", "iot_queue", mode="before")
-    @classmethod
-    def _no_bool(cls, value: Any) -> Any:
-        if isinstance(value, bool):  # True would pass as 1
-            raise ValueError(f"expected an integer, got {value!r}")
-        return value
-
-    @field_validator("source_fps", "scale", "center_crop", "input_size", "mean", "std", mode="before")
-    @classmethod
-    def _auto(cls, value: Any) -> Any:
-        return _none_if_auto(value)
-
-    @field_validator("input_size", mode="before")
-    @classmethod
-    def _size(cls, value: Any) -> Any:
-        return _numbers(value, 2, "WxH such as 224x224")
-
-    @field_validator("input_size")
-    @classmethod
-    def _size_range(cls, value: Optional[Tuple[int, int]]) -> Optional[Tuple[int, int]]:
-        if value is not None and not all(8 <= n <= 4096 for n in value):
-            raise ValueError(f"width and height must be 8..4096, got {value[0]}x{value[1]}")
-        return value
-
-    @field_validator("mean", "std", mode="before")
-    @classmethod
-    def _triple(cls, value: Any) -> Any:
-        return _numbers(value, 3, "one or three numbers")
-
-    @field_validator("mean", "std")
-    @classmethod
-    def _finite(cls, value: Optional[Tuple[float, float, float]], info: Any) -> Any:
-        if value is not None:
-            if not all(math.isfinite(n) for n in value):
-                raise ValueError("must be finite")
-            if info.field_name == "std" and 0.0 in value:
-                raise ValueError("must not be 0 (every pixel is divided by it)")
-        return value
-
-    @field_validator("mo_aux", mode="before")
-    @classmethod
-    def _json_object(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            if not value:
-                return {}
-            try:
-                value = json.loads(value)
-            except ValueError as exc:
-                raise ValueError(f"expected a JSON object ({exc})") from None
-        if not isinstance(value, dict):
-            raise ValueError(f"expected a JSON object, got {value!r}")
-        return value
-
-    @field_validator("loop_cpu")
-    @classmethod
-    def _loop_cpu(cls, value: str) -> str:
-        return parse_loop_cpu(value)
-
-    @field_validator("mqtt")
-    @classmethod
-    def _mqtt_url(cls, value: str) -> str:
-        if not value:
-            return value
-        match = MQTT_URL.fullmatch(value)
-        if not match:
-            raise ValueError("expected mqtt://[USER[:PASSWORD]@]HOST[:PORT] or mqtts://..., got "
-                             f"{redact_url(value)!r}")
-        port = match.group(4)
-        if port is not None and not 1 <= int(port) <= 65535:
-            raise ValueError(f"port must be 1..65535, got {port}")
-        return value
-
-    @field_validator("iot_topic")
-    @classmethod
-    def _topic(cls, value: str) -> str:
-        if not value:
-            raise ValueError("must not be empty")
-        if any(ch in value for ch in "+#\0"):
-            raise ValueError(f"a topic to publish to cannot hold the wildcards + or #, got {value!r}")
-        if len(value.encode("utf-8")) > 256:
-            raise ValueError("longer than 256 bytes (the AWS IoT Core topic limit)")
-        return value
-
-    @field_validator("mqtt_alpn")
-    @classmethod
-    def _alpn(cls, value: str) -> str:
-        if value.lower() in ("", "auto", "off"):
-            return value.lower() or "auto"
-        protocols = [p.strip() for p in value.split(",")]
-        if not all(protocols) or any(len(p) > 255 or not p.isprintable() for p in protocols):
-            raise ValueError(f"expected auto, off or protocol names separated by commas, got {value!r}")
-        return ",".join(protocols)
 
     # -- defaults that depend on the model --------------------------------------------------------
     @model_validator(mode="after")
@@ -477,7 +473,8 @@ def _patch_model() -> Any:
         name: (Optional[info.annotation], FieldInfo.merge_field_infos(info, default=None))
         for name, info in Settings.model_fields.items() if name in LIVE_FIELDS
     }
-    return create_model("ConfigPatch", __config__=ConfigDict(extra="forbid"), **fields)  # type: ignore[call-overload]
+    return create_model("ConfigPatch", __config__=ConfigDict(extra="forbid", protected_namespaces=()),
+                        **fields)  # type: ignore[call-overload]
 
 
 ConfigPatch = _patch_model()

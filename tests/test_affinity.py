@@ -1,5 +1,6 @@
 """The loop's CPU: a core of its own (--loop-cpu), serving threads below it (--serving-nice), and
-results published just before the next inference when the next frame is already waiting."""
+each result published as soon as it is made (before the next frame's preprocess), the loop run by
+its Service."""
 
 from __future__ import annotations
 
@@ -22,9 +23,10 @@ from inference.affinity import (
     serving_thread,
 )
 from inference.compat import native_thread_id
-from inference.config import SettingError, Settings, parse_value
-from inference.hub import FrameHub
-from inference.loop import InferenceLoop
+from inference.models.parse import CutsAfterParsing
+from inference.pipeline.frames import Frame, FrameHub
+from inference.service import Service
+from inference.settings import ConfigError, Settings
 from inference.types import Image, ModelInfo
 
 LINUX = sys.platform.startswith("linux")
@@ -37,6 +39,11 @@ def thread_cpus(tid: int) -> set[int]:
 
 def nice_of(tid: int) -> int:
     return os.getpriority(os.PRIO_PROCESS, tid)
+
+
+def parse_value(name: str, value: str) -> Any:
+    """One option given as a flag, validated as the CLI does."""
+    return getattr(Settings.load(flags={name: value}, env={}), name)
 
 
 def wait_until(predicate: Any, timeout: float = 10.0) -> bool:
@@ -76,9 +83,8 @@ def test_the_default_model_gets_the_auto_thread_count() -> None:
 
     expected = affinity.auto_threads("auto", CPUS)
     model = load_model(Settings(model="efficientnet-lite0"))
-    assert getattr(model, "intra_op_threads", None) == expected
-    assert getattr(load_model(Settings(model="efficientnet-lite0", threads=3)),
-                   "intra_op_threads", None) == 3
+    assert model.info.threads == expected
+    assert load_model(Settings(model="efficientnet-lite0", threads=3)).info.threads == 3
 
 
 def test_loop_cpu_values_are_checked_against_this_machine() -> None:
@@ -86,7 +92,7 @@ def test_loop_cpu_values_are_checked_against_this_machine() -> None:
     assert parse_loop_cpu("off") == "off"
     with pytest.raises(ValueError, match="expected auto, off or a CPU number"):
         parse_loop_cpu("fast")
-    with pytest.raises(SettingError, match="--loop-cpu"):
+    with pytest.raises(ConfigError, match="--loop-cpu"):
         parse_value("loop_cpu", "fast")
     if CPUS is not None:
         cpu = max(CPUS)
@@ -98,7 +104,7 @@ def test_loop_cpu_values_are_checked_against_this_machine() -> None:
 def test_serving_nice_is_checked() -> None:
     assert parse_value("serving_nice", "19") == 19
     assert Settings().serving_nice == 10 and Settings().loop_cpu == "auto"
-    with pytest.raises(SettingError, match="--serving-nice: must be between 0 and 19"):
+    with pytest.raises(ConfigError, match="--serving-nice: Input should be less than or equal to 19"):
         parse_value("serving_nice", "20")
 
 
@@ -136,11 +142,14 @@ class ThreadedSource:
         self._stop.set()
 
 
-class TinyModel:
+class TinyModel(CutsAfterParsing):
     """Records each call in order, for the publication order tests."""
 
+    threads = 1  # intra-op threads, as ModelInfo.threads
+
     def __init__(self, events: list[str] | None = None) -> None:
-        self.info = ModelInfo("tiny", "classification", 8, 8, "test", {0: "a", 1: "b"})
+        self.info = ModelInfo("tiny", "classification", 8, 8, "test", {0: "a", 1: "b"},
+                              threads=self.threads)
         self.events = events if events is not None else []
         self.n = 0
 
@@ -165,19 +174,20 @@ class TinyModel:
 
 @pytest.fixture
 def run_loop() -> Iterator[Any]:
-    loops: list[InferenceLoop] = []
+    """The loop over ``source`` and ``model`` run by a Service, once it made 5 frames."""
+    services: list[Service] = []
 
-    def make(settings: Settings, source: Any, model: Any) -> InferenceLoop:
-        loop = InferenceLoop(settings, FrameHub(), lambda s: source, lambda s: model)
-        loops.append(loop)
-        loop.prepare()
-        loop.start()
-        assert wait_until(lambda: loop.stats.frames >= 5), "the loop made no frames"
-        return loop
+    def make(settings: Settings, source: Any, model: Any) -> Service:
+        service = Service(settings, lambda s: source, lambda s: model)
+        services.append(service)
+        service.prepare()
+        service.start()
+        assert wait_until(lambda: service.loop.stats.frames >= 5), "the loop made no frames"
+        return service
 
     yield make
-    for loop in loops:
-        loop.close()
+    for service in services:
+        service.stop()
 
 
 needs_linux = pytest.mark.skipif(not LINUX, reason="CPU affinity calls are Linux's")
@@ -187,7 +197,7 @@ needs_linux = pytest.mark.skipif(not LINUX, reason="CPU affinity calls are Linux
 def test_the_loop_keeps_a_cpu_and_gives_it_back_when_it_stops(run_loop: Any) -> None:
     assert CPUS is not None
     if len(CPUS) < 2:  # one CPU to share: auto must leave it alone
-        assert run_loop(Settings(source="x"), ThreadedSource(), TinyModel()).isolation is None
+        assert run_loop(Settings(source="x"), ThreadedSource(), TinyModel()).loop.isolation is None
         return
     tids: dict[str, int] = {}
     hold = threading.Event()
@@ -206,7 +216,8 @@ def test_the_loop_keeps_a_cpu_and_gives_it_back_when_it_stops(run_loop: Any) -> 
     assert wait_until(lambda: len(tids) == 2)
     source = ThreadedSource()
     try:
-        loop = run_loop(Settings(source="x", loop_cpu="auto"), source, TinyModel())
+        service = run_loop(Settings(source="x", loop_cpu="auto"), source, TinyModel())
+        loop = service.loop
         iso = loop.isolation
         assert iso is not None and iso.active and iso.cpu == max(CPUS)
         tid = loop.stats.thread_id
@@ -233,7 +244,8 @@ def test_the_loop_keeps_a_cpu_and_gives_it_back_when_it_stops(run_loop: Any) -> 
         assert report["cpu"] == iso.cpu and report["active"] and report["error"] is None
         assert report["serving_threads_moved"] >= 2 and report["threads_freed"] >= 1
 
-        loop.stop()
+        service.stop()
+        assert loop.isolation is not None and not loop.isolation.active  # released by the loop
         assert thread_cpus(tids["server"]) == set(CPUS)
         assert thread_cpus(late[0]) == set(CPUS)
     finally:
@@ -244,10 +256,10 @@ def test_the_loop_keeps_a_cpu_and_gives_it_back_when_it_stops(run_loop: Any) -> 
 def test_threads_that_inherit_the_loops_cpu_are_given_every_cpu_back(run_loop: Any) -> None:
     assert CPUS is not None
     if len(CPUS) < 2:
-        assert run_loop(Settings(source="x"), ThreadedSource(), TinyModel()).isolation is None
+        assert run_loop(Settings(source="x"), ThreadedSource(), TinyModel()).loop.isolation is None
         return
-    loop = run_loop(Settings(source="x", loop_cpu="auto"), ThreadedSource(), TinyModel())
-    iso = loop.isolation
+    service = run_loop(Settings(source="x", loop_cpu="auto"), ThreadedSource(), TinyModel())
+    iso = service.loop.isolation
     assert iso is not None
     tid: list[int] = []
     hold = threading.Event()
@@ -264,7 +276,7 @@ def test_threads_that_inherit_the_loops_cpu_are_given_every_cpu_back(run_loop: A
         assert wait_until(lambda: thread_cpus(tid[0]) == set(CPUS), affinity.CHECK_INTERVAL + 5)
     finally:
         hold.set()
-        loop.stop()
+        service.stop()
 
 
 @needs_linux
@@ -293,20 +305,19 @@ def test_a_source_or_model_switched_from_a_serving_thread_gets_every_cpu() -> No
         return TinyModel()
 
     hold = threading.Event()
-    loop = InferenceLoop(Settings(source="a", model="m1", loop_cpu="auto"), FrameHub(),
-                         make_source, make_model)
-    loop.prepare()
-    loop.start()
+    service = Service(Settings(source="a", model="m1", loop_cpu="auto"), make_source, make_model)
+    service.prepare()
+    service.start()
     try:
-        assert wait_until(lambda: loop.stats.frames >= 5)
-        iso = loop.isolation
+        assert wait_until(lambda: service.loop.stats.frames >= 5)
+        iso = service.loop.isolation
         assert iso is not None and iso.active
         others = set(CPUS) - {iso.cpu}
         seen: dict[str, set[int]] = {}
 
         def serving_worker() -> None:  # the event loop's worker thread running a PATCH
             serving_thread(0)
-            loop.update({"source": "b", "model": "m2"})
+            service.apply({"source": "b", "model": "m2"})
             seen["after"] = thread_cpus(native_thread_id())
 
         worker = threading.Thread(target=serving_worker, name="patch-worker", daemon=True)
@@ -318,7 +329,7 @@ def test_a_source_or_model_switched_from_a_serving_thread_gets_every_cpu() -> No
         assert seen["after"] == others  # the serving thread itself is confined again
     finally:
         hold.set()
-        loop.close()
+        service.stop()
         for source in sources:
             source.close()
 
@@ -348,10 +359,10 @@ def test_a_loop_that_waits_for_its_source_lets_go_of_its_cpu_and_takes_it_back_w
     threading.Thread(target=server, name="server", daemon=True).start()
     try:
         assert wait_until(lambda: bool(tids))
-        loop = run_loop(Settings(source="x", loop_cpu="auto"), source, TinyModel())
-        iso = loop.isolation
+        service = run_loop(Settings(source="x", loop_cpu="auto"), source, TinyModel())
+        iso = service.loop.isolation
         assert iso is not None and iso.active
-        tid = loop.stats.thread_id
+        tid = service.loop.stats.thread_id
         others = set(CPUS) - {iso.cpu}
         # Never the next frame waiting: let go within an interval or two.
         assert wait_until(lambda: not iso.engaged, 5)
@@ -365,10 +376,10 @@ def test_a_loop_that_waits_for_its_source_lets_go_of_its_cpu_and_takes_it_back_w
         def viewer() -> None:
             seq = 0
             while watching.is_set():
-                item = loop.hub.wait_newer(seq, 1.0)
+                item = service.hub.wait_newer(seq, 1.0)
                 if item is not None:
-                    loop.hub.jpeg("native", item)
-                    seq = item.seq
+                    encoded = service.hub.encode("native", item)
+                    seq = encoded.seq if encoded is not None else item.seq
 
         threading.Thread(target=viewer, name="viewer", daemon=True).start()
         assert wait_until(lambda: thread_cpus(tid) == set(CPUS), 5)
@@ -388,7 +399,7 @@ def test_a_loop_that_waits_for_its_source_lets_go_of_its_cpu_and_takes_it_back_w
 
 def test_off_leaves_every_thread_where_it_was(run_loop: Any) -> None:
     before = thread_cpus(native_thread_id()) if LINUX else None
-    loop = run_loop(Settings(source="x", loop_cpu="off"), ThreadedSource(), TinyModel())
+    loop = run_loop(Settings(source="x", loop_cpu="off"), ThreadedSource(), TinyModel()).loop
     assert loop.isolation is None
     if LINUX:
         assert loop.stats.thread_id is not None
@@ -428,14 +439,15 @@ def test_lower_priority_is_per_thread_relative_to_the_process_and_idempotent() -
 
 
 # -- publication order ---------------------------------------------------------------------------
-class OrderHub(FrameHub):
-    def __init__(self, events: list[str]) -> None:
-        super().__init__()
-        self.events = events
+def record_publishes(hub: FrameHub, events: list[str]) -> None:
+    """Log each of ``hub``'s publications into ``events``, in order with the model's calls."""
+    publish = hub.publish
 
-    def publish(self, image: Image, result: Any, render: Any = None, size: Any = None) -> None:
-        self.events.append(f"publish {result.seq}")
-        super().publish(image, result, render, size)
+    def recorded(image: Image, result: Any, render: Any = None, size: Any = None) -> Frame:
+        events.append(f"publish {result.seq}")
+        return publish(image, result, render, size)
+
+    hub.publish = recorded  # type: ignore[method-assign]
 
 
 class PacedSource(ThreadedSource):
@@ -445,53 +457,70 @@ class PacedSource(ThreadedSource):
         return False  # a camera slower than the model: the loop waits for each frame
 
 
-@pytest.mark.parametrize("source_cls,deferred", [(ThreadedSource, True), (PacedSource, False)])
-def test_a_result_is_published_before_the_next_inference_or_at_once(
-    source_cls: Any, deferred: bool
-) -> None:
+@pytest.mark.parametrize("source_cls", [ThreadedSource, PacedSource])
+def test_a_result_is_published_as_soon_as_it_is_made(source_cls: Any) -> None:
+    """Whether the next frame is waiting (the model sets the pace) or not, frame n is published
+    before frame n+1's preprocess: no result is held back (the old loop deferred it to just
+    before the next inference when the next frame was waiting)."""
     events: list[str] = []
     model = TinyModel(events)
-    loop = InferenceLoop(Settings(source="x", loop_cpu="off"), OrderHub(events),
-                         lambda s: source_cls(), lambda s: model)
-    loop.prepare()
-    loop.start()
+    service = Service(Settings(source="x", loop_cpu="off"), lambda s: source_cls(),
+                      lambda s: model)
+    record_publishes(service.hub, events)
+    service.prepare()
+    service.start()
     try:
-        assert wait_until(lambda: loop.stats.frames >= 6)
+        assert wait_until(lambda: service.loop.stats.frames >= 6)
     finally:
-        loop.pause()
-        assert wait_until(lambda: loop.hub.seq == loop.stats.frames, 5), "a result was held back"
-        loop.close()
-    # Frame n's publication against frame n+1's preprocess and inference.
+        service.pipeline("pause")
+        assert wait_until(lambda: service.hub.seq == service.loop.stats.frames, 5), \
+            "a result was held back"
+        service.stop()
+    # Frame n's publication against its own inference and frame n+1's preprocess.
     for n in (2, 3, 4):
-        publish, pre_next, infer_next = (events.index(f"publish {n}"),
-                                         events.index(f"preprocess {n + 1}"),
-                                         events.index(f"infer {n + 1}"))
-        if deferred:
-            assert pre_next < publish < infer_next, events[:30]
-        else:
-            assert publish < pre_next, events[:30]
+        infer, publish, pre_next = (events.index(f"infer {n}"), events.index(f"publish {n}"),
+                                    events.index(f"preprocess {n + 1}"))
+        assert infer < publish < pre_next, events[:30]
 
 
 def test_nothing_is_held_back_at_stop() -> None:
     events: list[str] = []
-    loop = InferenceLoop(Settings(source="x", loop_cpu="off"), OrderHub(events),
-                         lambda s: ThreadedSource(), lambda s: TinyModel(events))
-    loop.prepare()
-    loop.start()
-    assert wait_until(lambda: loop.stats.frames >= 3)
-    loop.stop()
-    assert loop.hub.seq == loop.stats.frames
-    loop.close()
+    service = Service(Settings(source="x", loop_cpu="off"), lambda s: ThreadedSource(),
+                      lambda s: TinyModel(events))
+    record_publishes(service.hub, events)
+    service.prepare()
+    service.start()
+    assert wait_until(lambda: service.loop.stats.frames >= 3)
+    service.stop()
+    assert service.hub.seq == service.loop.stats.frames
 
 
 class ThreadedModel(TinyModel):
-    intra_op_threads = 2
+    threads = 2
 
 
 def test_auto_does_not_pin_a_loop_whose_model_runs_several_threads(run_loop: Any) -> None:
     if CPUS is None or len(CPUS) < 2:
         pytest.skip("one CPU: the loop is never isolated, which test_the_loop_keeps_a_cpu asserts")
-    assert run_loop(Settings(source="x"), ThreadedSource(), ThreadedModel()).isolation is None
+    assert run_loop(Settings(source="x"), ThreadedSource(), ThreadedModel()).loop.isolation is None
     asked = str(max(CPUS))  # asked for by number: done anyway
     assert run_loop(Settings(source="x", loop_cpu=asked), ThreadedSource(),
-                    ThreadedModel()).isolation is not None
+                    ThreadedModel()).loop.isolation is not None
+
+
+class GpuModel(TinyModel):
+    """A model on the device's GPU (awscam.Model with {'GPU': 1}): its loop mostly waits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.info = ModelInfo("gpu", "classification", 8, 8, "awscam(runtime=0, GPU=1)",
+                              {0: "a", 1: "b"}, gpu=True)
+
+
+def test_auto_does_not_pin_a_loop_whose_model_runs_on_the_gpu(run_loop: Any) -> None:
+    if CPUS is None or len(CPUS) < 2:
+        pytest.skip("one CPU: the loop is never isolated, which test_the_loop_keeps_a_cpu asserts")
+    assert run_loop(Settings(source="x"), ThreadedSource(), GpuModel()).loop.isolation is None
+    asked = str(max(CPUS))  # asked for by number: done anyway
+    assert run_loop(Settings(source="x", loop_cpu=asked), ThreadedSource(),
+                    GpuModel()).loop.isolation is not None

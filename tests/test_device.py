@@ -11,9 +11,11 @@ from typing import Any
 
 import pytest
 
-from inference.config import Settings
-from inference.loop import InferenceLoop, LoopState
-from inference.models import DEVICE_DEFAULT_MODEL, load_model
+from inference.models import load_model
+from inference.models.catalog import DEVICE_DEFAULT_MODEL
+from inference.pipeline.loop import LoopState
+from inference.service import Service
+from inference.settings import Settings
 from inference.types import ModelError
 from tests.conftest import FAKES, product_pythonpath
 from tests.test_loop import collect
@@ -32,15 +34,16 @@ def test_awscam_model_and_frames_classify_a_cat(
     import awscam
 
     monkeypatch.setenv("FAKE_AWSCAM_VIDEO", str(image_file))
-    loop = InferenceLoop(device_settings(str(device_xml), top_k=3))
-    loop.prepare()
+    service = Service(device_settings(str(device_xml), top_k=3))
+    service.prepare()
     assert awscam.loaded == [(str(device_xml), {"GPU": 1}, 0)]
-    assert loop.model is not None and loop.model.info.backend.startswith("awscam")
-    loop.start()
+    model = service.loop.model
+    assert model is not None and model.info.backend.startswith("awscam") and model.info.gpu
+    service.start()
     try:
-        item = collect(loop.hub, 3)[-1]
+        item = collect(service.hub, 3)[-1]
     finally:
-        loop.close()
+        service.stop()
     names = [i.name for i in item.result.items]
     assert names[0] in ("tiger cat", "Egyptian cat", "tabby, tabby cat")
     assert item.image.shape == (300, 451, 3)  # smaller than 480p: drawn at its own size
@@ -50,8 +53,9 @@ def test_awscam_model_and_frames_classify_a_cat(
 def test_gpu_off_loads_with_gpu_0(fake_device: Path, device_xml: Path) -> None:
     import awscam
 
-    load_model(device_settings(str(device_xml), device_gpu=False))
+    model = load_model(device_settings(str(device_xml), device_gpu=False))
     assert awscam.loaded[-1][1] == {"GPU": 0}
+    assert not model.info.gpu
 
 
 def test_unoptimized_artifact_goes_through_mo_optimize(
@@ -100,7 +104,7 @@ def test_neo_runtime_parses_the_raw_result(fake_device: Path, device_xml: Path, 
 
 
 def test_device_default_is_the_seed_model(fake_device: Path) -> None:
-    from inference.models import default_model
+    from inference.models.catalog import default_model
     from inference.sources import default_source
 
     assert default_source() == "awscam"
@@ -114,22 +118,22 @@ def test_get_last_frame_failing_for_a_while_then_back(
 
     fail = tmp_path / "camera-broken"
     monkeypatch.setenv("FAKE_AWSCAM_FAIL_FILE", str(fail))
-    loop = InferenceLoop(device_settings(str(device_xml)))
-    loop.prepare()
-    loop.start()
+    service = Service(device_settings(str(device_xml)))
+    service.prepare()
+    service.start()
     try:
-        collect(loop.hub, 2)
+        collect(service.hub, 2)
         fail.touch()
-        lost = collect(loop.hub, 6)
+        lost = collect(service.hub, 6)
         assert lost[-1].result.error is not None and "no signal" in lost[-1].result.error
-        assert loop.stats.consecutive_failures >= 5
+        assert service.capture.consecutive_failures >= 5
         fail.unlink()
-        back = collect(loop.hub, 3, timeout=15)
+        back = collect(service.hub, 3, timeout=15)
         assert back[-1].result.error is None and back[-1].result.items
-        assert loop.state is LoopState.RUNNING
+        assert service.state is LoopState.RUNNING
         assert [t for t in threading.enumerate() if t.name == "inference-loop"]
     finally:
-        loop.close()
+        service.stop()
 
 
 def test_cli_on_the_device_imports_awscam_before_cv2(device_xml: Path, image_file: Path,

@@ -25,11 +25,11 @@ import numpy as np
 import psutil
 import pytest
 
-from inference.config import Settings
 from inference.models import load_model
 from inference.models import parse as parsers
 from inference.outputs import build_outputs
-from inference.runtime import Runtime
+from inference.service import Service
+from inference.settings import Settings
 from inference.sources.synthetic import SyntheticSource
 from inference.types import Image, ModelInfo
 from tests import onnx_graphs
@@ -55,10 +55,8 @@ def wait_until(predicate: Callable[[], Any], what: str, timeout: float = 30.0) -
         time.sleep(0.05)
 
 
-
-
 def loop_thread(srv: Running) -> threading.Thread:
-    thread = srv.runtime.loop._thread
+    thread = srv.service.loop._thread
     assert thread is not None and thread.is_alive()
     return thread
 
@@ -94,6 +92,9 @@ class ScriptedCamera:
             return None
         return self._inner.read()
 
+    def ready(self) -> bool:
+        return self._inner.ready()
+
     def close(self) -> None:
         self._inner.close()
 
@@ -119,7 +120,7 @@ def test_camera_failing_shows_no_signal_and_recovers_without_restart(how: str, r
         thread = loop_thread(srv)
         if how == "once":
             camera.fail_reads = 1
-            wait_until(lambda: camera.failures == 1 and srv.runtime.loop.stats.frames > 0, "one failure")
+            wait_until(lambda: camera.failures == 1 and srv.service.loop.stats.frames > 0, "one failure")
         elif how == "for-a-while":  # the issue's "10 s", shortened: the shape is the same
             camera.fail_until = time.monotonic() + 1.5
         else:
@@ -137,13 +138,13 @@ def test_camera_failing_shows_no_signal_and_recovers_without_restart(how: str, r
             if how == "for-good-then-fixed":
                 seq = srv.wait_frames(2)  # still failing, still publishing NO SIGNAL frames
                 assert client.get("/results").json()["seq"] >= seq
-                assert srv.runtime.loop.stats.source_reopens >= 1
+                assert srv.service.capture.reopens >= 1
                 camera.broken.clear()
         wait_until(lambda: client.get("/results").json()["error"] is None, "a real frame again")
         wait_until(lambda: _health(client)["status"] == "ok", "health ok again")
         assert loop_thread(srv) is thread, "recovered by the same loop, not a restart"
-        assert srv.runtime.loop.stats.consecutive_failures == 0
-        assert srv.runtime.loop.stats.capture_failures >= 1
+        assert srv.service.capture.consecutive_failures == 0
+        assert srv.service.capture.failures >= 1
 
 
 # -- video files -------------------------------------------------------------------------------------
@@ -159,7 +160,7 @@ def test_a_video_file_that_ends_loops_and_a_corrupt_one_is_refused_live(tmp_path
     clip = _write_clip(tmp_path / "short.avi")
     with running_server(source=str(clip), source_fps=0.0) as srv, srv.client(TOKEN) as client:
         srv.wait_frames(20)  # six frames, looped at least three times
-        source = srv.runtime.loop.source
+        source = srv.service.capture.source
         assert getattr(source, "loops", 0) >= 3
         assert client.get("/results").json()["error"] is None
         corrupt = tmp_path / "corrupt.mp4"
@@ -168,14 +169,14 @@ def test_a_video_file_that_ends_loops_and_a_corrupt_one_is_refused_live(tmp_path
         assert refused.status_code == 422
         [error] = refused.json()["detail"]
         assert error["loc"] == ["body", "source"] and "corrupt.mp4" in error["msg"]
-        assert srv.runtime.settings.source == str(clip)
+        assert srv.service.settings.source == str(clip)
         seq = srv.wait_frames(3)
         assert client.get("/results").json()["seq"] >= seq and client.get("/results").json()["error"] is None
 
 
 def test_a_truncated_video_shows_no_signal_until_a_good_source_is_set(tmp_path: Path) -> None:
     """A file cut mid-way (an interrupted copy) cannot be opened: the CLI refuses it at start
-    (test_cli); a runtime that comes up anyway (the Lambda) shows NO SIGNAL with the reason and
+    (test_cli); a service that comes up anyway (the Lambda) shows NO SIGNAL with the reason and
     takes a good source live."""
     whole = _write_clip(tmp_path / "whole.avi", frames=20)
     cut = tmp_path / "cut.avi"
@@ -198,8 +199,8 @@ def upstream_camera(port: int) -> Iterator[Running]:
     """A dashboard serving MJPEG on ``port``: the 'IP camera' another dashboard reads over HTTP."""
     settings = Settings(source="synthetic:320x180@30", host="127.0.0.1", port=port, token=TOKEN,
                         fifo="off", iot="off", log_level="warning")
-    runtime = Runtime(settings, model_factory=fake_model_factory)
-    with serve_runtime(runtime, settings) as srv:
+    service = Service(settings, model_factory=fake_model_factory)
+    with serve_runtime(service) as srv:
         yield srv
 
 
@@ -226,7 +227,7 @@ def test_a_network_stream_that_drops_and_comes_back() -> None:
 
 
 # -- the model -------------------------------------------------------------------------------------------
-class MalformedModel:
+class MalformedModel(parsers.CutsAfterParsing):
     """Runs the real parsers on outputs a broken model could give, one script entry per frame."""
 
     def __init__(self, kind: str, script: list[Any]) -> None:
@@ -291,7 +292,7 @@ def test_a_model_raising_or_giving_malformed_output_is_survived(kind: str) -> No
     with running_server(model_factory=lambda s: model) as srv, srv.client() as client:
         srv.wait_frames(len(script) * 2)
         thread = loop_thread(srv)
-        stats = srv.runtime.loop.stats
+        stats = srv.service.loop.stats
         assert stats.model_errors >= 1
         health = _health(client)
         assert health["status"] == "degraded"
@@ -332,10 +333,10 @@ def test_fifo_path_replaced_by_a_file_shows_in_health_and_the_loop_goes_on(tmp_p
     fifo = tmp_path / "results.mjpeg"
     settings = Settings(source="synthetic:320x180@60", host="127.0.0.1", port=free_port(), token=TOKEN,
                         fifo=str(fifo), iot="off", log_level="warning")
-    runtime = Runtime(settings, model_factory=fake_model_factory)
-    for output in build_outputs(settings, runtime.hub):
-        runtime.add_output(output)
-    with serve_runtime(runtime, settings) as srv, srv.client() as client:
+    service = Service(settings, model_factory=fake_model_factory)
+    for output in build_outputs(settings, service.hub):
+        service.add_output(output)
+    with serve_runtime(service) as srv, srv.client() as client:
         wait_until(lambda: fifo.exists(), "the FIFO to be made")
         reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
         try:
@@ -372,9 +373,9 @@ def test_200_viewers_that_never_read_do_not_hold_up_the_loop_or_other_viewers() 
             wait_until(lambda: len(client.get("/api/stats").json()["viewers"]) == 200, "200 viewers")
             srv.wait_frames(30)  # their buffers fill; nothing reads
             rss_before = psutil.Process().memory_info().rss
-            published = srv.runtime.hub.published
+            published = srv.service.hub.published
             srv.wait_frames(150)
-            assert srv.runtime.hub.published - published >= 150  # the loop never waited
+            assert srv.service.hub.published - published >= 150  # the loop never waited
             with srv.client() as watcher, watcher.stream("GET", "/stream.mjpg") as response:
                 reader = PartReader(response.iter_bytes())
                 seqs = [reader.next().seq for _ in range(10)]
@@ -405,7 +406,7 @@ def test_viewers_that_disconnect_mid_part(caplog: pytest.LogCaptureFixture) -> N
         wait_until(lambda: client.get("/api/stats").json()["viewers"] == [], "every viewer dropped")
         with client.stream("GET", "/stream.mjpg") as response:
             PartReader(response.iter_bytes()).next()
-        assert srv.runtime.loop.state.value == "running"
+        assert srv.service.loop.state.value == "running"
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "CRITICAL")], caplog.text
 
 
@@ -422,7 +423,7 @@ def test_a_flood_of_results_requests() -> None:
                     with lock:
                         statuses.append(code)
 
-        published = srv.runtime.hub.published
+        published = srv.service.hub.published
         workers = [threading.Thread(target=flood, name=f"flood-{i}") for i in range(8)]
         for w in workers:
             w.start()
@@ -430,6 +431,6 @@ def test_a_flood_of_results_requests() -> None:
             w.join(120)
         assert not any(w.is_alive() for w in workers)
         assert len(statuses) == 800 and set(statuses) == {200}
-        assert srv.runtime.hub.published > published  # frames kept coming meanwhile
+        assert srv.service.hub.published > published  # frames kept coming meanwhile
         with srv.client() as client:
             assert client.get("/health").json()["status"] == "ok"

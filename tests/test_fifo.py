@@ -16,18 +16,25 @@ import cv2
 import numpy as np
 import pytest
 
-from inference.config import Settings
-from inference.hub import FrameHub
-from inference.loop import InferenceLoop
+from inference.models.parse import CutsAfterParsing
 from inference.outputs import OutputError, build_outputs
 from inference.outputs.fifo import FifoWriter
+from inference.pipeline.frames import FrameHub
 from inference.result import Item, Result
+from inference.service import Service
+from inference.settings import Settings
 from inference.sources.synthetic import SyntheticSource
 from inference.types import Image, ModelInfo
 from tests.conftest import require_tool
 
 SOI, EOI = b"\xff\xd8", b"\xff\xd9"
 POLL = 0.05  # the writer's reader polling in these tests (4 Hz in the product)
+STOP_SECONDS = 2.0
+
+
+def stop(worker: Any, seconds: float = STOP_SECONDS) -> bool:
+    """Stop an output (or any worker) by an absolute deadline ``seconds`` from now."""
+    return bool(worker.stop(time.monotonic() + seconds))
 
 
 def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.02) -> bool:
@@ -127,7 +134,7 @@ def writer(fifo_path: Path, hub: FrameHub) -> Iterator[FifoWriter]:
     try:
         yield w
     finally:
-        w.stop()
+        stop(w)
 
 
 @pytest.fixture
@@ -255,7 +262,7 @@ def test_partial_writes_are_finished_before_the_next_frame(
     try:
         frames, raw = read_fifo(fifo_path, 6)
     finally:
-        w.stop()
+        stop(w)
     assert w.stats()["partial_writes"] >= 6
     assert raw.startswith(SOI) and len(frames) == 6
     for jpeg in frames:
@@ -277,8 +284,8 @@ def test_a_source_smaller_than_fifo_res_is_written_at_its_own_size(
     with Feeder(hub, size=(640, 272)):
         frames, _ = read_fifo(fifo_path, 3)
         assert [decode(f).shape for f in frames] == [(272, 640, 3)] * 3
-        viewer = hub.jpeg("native")
-        assert viewer is not None
+        viewer = hub.encode("native")
+        assert viewer is not None and viewer.jpeg("native") is not None
     assert hub.encodes["480p"] == 0 and hub.encodes["native"] >= 3
 
 
@@ -302,7 +309,7 @@ def test_fifo_is_made_when_missing_and_off_means_none(fifo_path: Path, hub: Fram
     try:
         assert stat.S_ISFIFO(os.stat(fifo_path).st_mode)
     finally:
-        outputs[0].stop()
+        stop(outputs[0])
     assert build_outputs(Settings(fifo="off", iot="off"), hub) == []
 
 
@@ -326,7 +333,7 @@ def test_stop_with_a_reader_attached_closes_the_pipe(writer: FifoWriter, feeding
     fd = os.open(fifo_path, os.O_RDONLY | os.O_NONBLOCK)
     try:
         assert wait_for(lambda: writer.stats()["reader"])
-        writer.stop()
+        assert stop(writer)
         assert not any(t.name == "fifo-writer" and t.is_alive() for t in threading.enumerate())
         # With the writer gone the reader sees EOF once the pipe is drained.
         data = b"x"
@@ -337,7 +344,7 @@ def test_stop_with_a_reader_attached_closes_the_pipe(writer: FifoWriter, feeding
         os.close(fd)
 
 
-class _StubModel:
+class _StubModel(CutsAfterParsing):
     def __init__(self) -> None:
         self.info = ModelInfo("stub", "classification", 8, 8, "test", {0: "dog", 1: "cat"})
 
@@ -356,33 +363,32 @@ class _StubModel:
         pass
 
 
-def _frames_in(loop: InferenceLoop, seconds: float) -> int:
-    start = loop.hub.published
+def _frames_in(hub: FrameHub, seconds: float) -> int:
+    start = hub.published
     time.sleep(seconds)
-    return loop.hub.published - start
+    return hub.published - start
 
 
 def test_no_reader_costs_the_loop_nothing(fifo_path: Path) -> None:
     settings = Settings(source="synthetic", display_res="480p")
-    hub = FrameHub()
-    loop = InferenceLoop(settings, hub, lambda s: SyntheticSource(640, 360, fps=0),
-                         lambda s: _StubModel())
-    loop.prepare()
-    loop.start()
+    service = Service(settings, lambda s: SyntheticSource(640, 360, fps=0), lambda s: _StubModel())
+    hub = service.hub
+    service.prepare()
+    service.start()
     writer = FifoWriter(str(fifo_path), hub, "480p")
     try:
         assert wait_for(lambda: hub.published > 10)
-        without = _frames_in(loop, 1.0)
+        without = _frames_in(hub, 1.0)
         writer.start()
-        with_writer = _frames_in(loop, 1.0)
+        with_writer = _frames_in(hub, 1.0)
         assert with_writer > 0.5 * without, (without, with_writer)
         # No reader: no JPEG is ever made and the writer only polls for one.
         assert hub.total_encodes == 0
         stats = writer.stats()
         assert stats["frames_written"] == 0 and stats["state"] == "waiting for a reader"
     finally:
-        writer.stop()
-        loop.close()
+        stop(writer)
+        service.stop()
 
 
 def test_a_new_reader_gets_the_latest_frame_at_once(fifo_path: Path, hub: FrameHub) -> None:
@@ -396,4 +402,4 @@ def test_a_new_reader_gets_the_latest_frame_at_once(fifo_path: Path, hub: FrameH
         frames, _ = read_fifo(fifo_path, 1)
         assert decode(frames[0]).shape == (480, 858, 3)
     finally:
-        w.stop()
+        stop(w)

@@ -24,8 +24,8 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
 from app.main import create_app
-from inference.config import Settings
-from inference.runtime import Runtime
+from inference.service import Service
+from inference.settings import ENV_PREFIX, ConfigError, Settings
 from tests.test_server import TOKEN, Running, running_server
 
 MAX_EXAMPLES = 40  # per operation, per mode and per credential: ~1,700 requests in all
@@ -33,8 +33,8 @@ STREAMING = ("multipart/x-mixed-replace", "text/event-stream")
 
 
 def _schema() -> Any:
-    runtime = Runtime(Settings(source="synthetic", token=TOKEN))
-    return schemathesis.openapi.from_dict(create_app(runtime, runtime.settings).openapi())
+    service = Service(Settings(source="synthetic", token=TOKEN))
+    return schemathesis.openapi.from_dict(create_app(service).openapi())
 
 
 SCHEMA = _schema()
@@ -120,7 +120,7 @@ def test_fuzz_no_5xx_and_4xx_names_the_field(srv: Running, operation: Any, mode:
     srv.wait_frames(1)
 
 
-# -- the CLI and the environment: every option, generated from OPTIONS ---------------------------------
+# -- the CLI and the environment: every option, generated from Settings.model_fields ---------------------
 CANDIDATES = ["abc", "", "-1", "0", "1.5", "99999999", "1e309", "nan", "-inf", "{", "0x10", "8x", "1,2", ","]
 # Free text, checked when used (at start, naming the option: test_cli, test_models, test_security,
 # test_iot): no value is wrong for the parser itself.
@@ -129,27 +129,36 @@ FREE_TEXT = {"source", "model", "labels", "token", "ssl_certfile", "ssl_keyfile"
              "mqtt_password_file"}
 
 
-def _rejected(option: Any) -> list[str]:
+def flag_of(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def env_of(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def _rejected(name: str) -> list[str]:
+    """The candidates the settings refuse for ``name`` given as text (a flag's or a variable's)."""
     bad = []
     for value in CANDIDATES:
         try:
-            option.parse(value)
-        except (ValueError, TypeError):
+            Settings.load(flags={name: value}, env={})
+        except ConfigError as exc:
+            assert exc.field == name, (name, value, exc)
             bad.append(value)
     return bad
 
 
 def _bad_values() -> list[tuple[str, str]]:
-    from inference.config import OPTIONS
-
+    assert FREE_TEXT <= set(Settings.model_fields), FREE_TEXT - set(Settings.model_fields)
     cases = []
-    for option in OPTIONS:
-        bad = _rejected(option)
-        if option.name in FREE_TEXT:
-            assert not bad, f"{option.name} is no longer free text: move it out of FREE_TEXT"
+    for name in Settings.model_fields:
+        bad = _rejected(name)
+        if name in FREE_TEXT:
+            assert not bad, f"{name} is no longer free text: move it out of FREE_TEXT"
             continue
-        assert bad, f"{option.flag}: no candidate is refused; add one to CANDIDATES"
-        cases += [(option.name, value) for value in bad]
+        assert bad, f"{flag_of(name)}: no candidate is refused; add one to CANDIDATES"
+        cases += [(name, value) for value in bad]
     return cases
 
 
@@ -178,17 +187,15 @@ def test_every_option_with_a_bad_value_exits_2_naming_it(
 ) -> None:
     """Flags (``--opt=value``) and env vars (``DEEPLENS_OPT``), in-process: SystemExit(2) before
     anything starts, the message naming the flag or the variable."""
-    from inference.config import OPTIONS_BY_NAME
-
     assert len(BAD_VALUES) > 300
     for name, value in BAD_VALUES:
-        option = OPTIONS_BY_NAME[name]
-        code, err = _exit_of(["serve", f"{option.flag}={value}"], capsys)
-        assert code == 2 and f"error: {option.flag}" in err, (name, value, err)
-        clean_env.setenv(option.env, value)
+        flag, env = flag_of(name), env_of(name)
+        code, err = _exit_of(["serve", f"{flag}={value}"], capsys)
+        assert code == 2 and f"error: {flag}" in err, (name, value, err)
+        clean_env.setenv(env, value)
         code, err = _exit_of(["serve"], capsys)
-        clean_env.delenv(option.env)
-        assert code == 2 and option.env in err and option.flag in err, (name, value, err)
+        clean_env.delenv(env)
+        assert code == 2 and env in err and flag in err, (name, value, err)
         TALLY["cli bad values"] += 2
 
 

@@ -24,8 +24,6 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from inference.config import Settings
-from inference.hub import FrameHub
 from inference.outputs import OutputError, build_outputs
 from inference.outputs.iot import (
     IN_FLIGHT,
@@ -41,12 +39,14 @@ from inference.outputs.iot import (
     make_publisher,
     resolve_thing_name,
 )
+from inference.pipeline.frames import FrameHub
 from inference.result import Item, Result
-from inference.runtime import Runtime
+from inference.service import Service
+from inference.settings import ConfigError, Settings
 from inference.sources.synthetic import SyntheticSource
 from inference.types import ModelInfo
 from tests.conftest import free_port, product_pythonpath, require_tool
-from tests.test_fifo import _StubModel, wait_for
+from tests.test_fifo import _StubModel, stop, wait_for
 
 STUB = ModelInfo("stub", "classification", 8, 8, "test", {0: "dog", 1: "cat"})
 IMAGE = np.zeros((48, 64, 3), np.uint8)
@@ -89,7 +89,7 @@ class Recorder:
     def status(self) -> tuple[bool, str]:
         return True, "recording"
 
-    def close(self, timeout: float = 2.0) -> None:
+    def close(self, deadline: float) -> None:
         self.block.set()
 
     def payloads(self) -> list[bytes]:
@@ -127,7 +127,7 @@ def make_output(hub: FrameHub) -> Iterator[Callable[..., IotOutput]]:
 
     yield make
     for out in made:
-        out.stop()
+        stop(out)
 
 
 def drained(out: IotOutput) -> bool:
@@ -534,7 +534,7 @@ def test_mqtt_subscriber_receives_the_seed_payload(broker: Broker, subscribers: 
             b'{"cat": 0.75, "dog": 0.25}'] * 3
         assert out.health()[0]
     finally:
-        out.stop()
+        stop(out)
     # A clean stop says offline itself (the broker only sends the will on a lost connection).
     assert wait_for(lambda: sub.on(availability_topic(thing))[-1:] == [b"offline"])
     # ... and is not reported as a lost connection
@@ -578,19 +578,19 @@ def test_broker_absent_at_start_then_started(brokers: Any, subscribers: Any, hub
         assert out.backlog == 0 and out.health()[0]
         assert out.stats()["dropped_backlog"] == 0
     finally:
-        out.stop()
+        stop(out)
 
 
-def outage_runtime(url: str, thing: str) -> tuple[Runtime, IotOutput, MqttPublisher]:
+def outage_service(url: str, thing: str) -> tuple[Service, IotOutput, MqttPublisher]:
     settings = Settings(source="synthetic", iot="mqtt", mqtt=url, thing_name=thing,
                         model="stub", fifo="off", iot_payload="rich", iot_queue=5000)
-    runtime = Runtime(settings, lambda s: SyntheticSource(160, 120, fps=100), lambda s: _StubModel())
+    service = Service(settings, lambda s: SyntheticSource(160, 120, fps=100), lambda s: _StubModel())
     publisher = MqttPublisher(url, thing, min_delay=1, max_delay=1)
-    out = IotOutput(settings, runtime.hub, publisher)
-    runtime.add_output(out)
-    runtime.prepare()
-    runtime.start()
-    return runtime, out, publisher
+    out = IotOutput(settings, service.hub, publisher)
+    service.add_output(out)
+    service.prepare()
+    service.start()
+    return service, out, publisher
 
 
 @pytest.mark.device
@@ -603,22 +603,22 @@ def test_a_network_outage_loses_nothing(brokers: Any, subscribers: Any) -> None:
     sub = subscribers(broker.port, thing)
     link = Relay(broker.port)
     link.start()
-    runtime, out, publisher = outage_runtime(f"mqtt://127.0.0.1:{link.port}", thing)
+    service, out, publisher = outage_service(f"mqtt://127.0.0.1:{link.port}", thing)
     topic = infer_topic(thing)
     try:
         assert wait_for(lambda: len(sub.on(topic)) > 20, timeout=20)
-        before = _frames_in(runtime, 1.0)
+        before = _frames_in(service, 1.0)
         link.cut()
         assert wait_for(lambda: not publisher.connected)
-        during = _frames_in(runtime, 1.0)
+        during = _frames_in(service, 1.0)
         assert during > 0.5 * before, (before, during)  # the loop did not notice the outage
         assert wait_for(lambda: out.backlog > 20)
         health = out.health()
         assert not health[0] and "messages waiting" in health[1], health
         link.restore()
         assert wait_for(lambda: publisher.connected, timeout=40)
-        runtime.loop.pause()
-        last = runtime.hub.seq
+        service.loop.pause()
+        last = service.hub.seq
         assert wait_for(lambda: out.backlog == 0 and publisher.in_flight == 0, timeout=30), out.stats()
         assert wait_for(lambda: (rich_seqs(sub.on(topic)) or [0])[-1] >= last, timeout=20)
         seqs = rich_seqs(sub.on(topic))
@@ -629,7 +629,7 @@ def test_a_network_outage_loses_nothing(brokers: Any, subscribers: Any) -> None:
         assert stats["dropped_backlog"] == 0 and stats["dropped_queue"] == 0, stats
         assert publisher.connects == 2 and publisher.disconnects == 1
     finally:
-        runtime.stop()
+        service.stop()
         link.stop()
 
 
@@ -642,7 +642,7 @@ def test_broker_killed_mid_run_and_restarted(brokers: Any, subscribers: Any) -> 
     broker = brokers()
     broker.start()
     sub = subscribers(broker.port, thing)
-    runtime, out, publisher = outage_runtime(broker.url, thing)
+    service, out, publisher = outage_service(broker.url, thing)
     topic = infer_topic(thing)
     try:
         assert wait_for(lambda: len(sub.on(topic)) > 20, timeout=20)
@@ -652,8 +652,8 @@ def test_broker_killed_mid_run_and_restarted(brokers: Any, subscribers: Any) -> 
         waiting = out.backlog
         broker.start()
         assert wait_for(lambda: publisher.connected, timeout=40)
-        runtime.loop.pause()
-        last = runtime.hub.seq
+        service.loop.pause()
+        last = service.hub.seq
         assert wait_for(lambda: out.backlog == 0, timeout=30), out.stats()
         assert wait_for(lambda: (rich_seqs(sub.on(topic)) or [0])[-1] >= last, timeout=20)
         seqs = rich_seqs(sub.on(topic))
@@ -662,7 +662,7 @@ def test_broker_killed_mid_run_and_restarted(brokers: Any, subscribers: Any) -> 
         assert out.stats()["dropped_backlog"] == 0
         assert publisher.connects == 2 and publisher.disconnects == 1
     finally:
-        runtime.stop()
+        service.stop()
 
 
 @pytest.mark.device
@@ -687,20 +687,20 @@ def test_a_full_backlog_drops_the_oldest_and_delivers_the_rest_in_order(
                         timeout=30), sub.on(infer_topic(thing))
         assert [m["status"] for m in out.recent_messages()].count("dropped: the backlog was full") >= 10
     finally:
-        out.stop()
+        stop(out)
 
 
-def _frames_in(runtime: Runtime, seconds: float) -> int:
-    start = runtime.hub.published
+def _frames_in(service: Service, seconds: float) -> int:
+    start = service.hub.published
     time.sleep(seconds)
-    return runtime.hub.published - start
+    return service.hub.published - start
 
 
 LWT_SCRIPT = """
 import sys, time
-from inference.config import Settings
-from inference.hub import FrameHub
 from inference.outputs.iot import IotOutput, make_publisher
+from inference.pipeline.frames import FrameHub
+from inference.settings import Settings
 url, thing = sys.argv[1], sys.argv[2]
 settings = Settings(iot="mqtt", mqtt=url, thing_name=thing)
 out = IotOutput(settings, FrameHub(), make_publisher(settings, thing))
@@ -778,7 +778,7 @@ def test_mqtts_with_a_client_certificate(brokers: Any, subscribers: Any, certs: 
         hub.publish(IMAGE, result(1))
         assert wait_for(lambda: b'{"cat": 0.75, "dog": 0.25}' in sub.on(infer_topic(thing)))
     finally:
-        out.stop()
+        stop(out)
 
 
 def test_offline_publish_is_refused_so_the_output_keeps_the_message() -> None:
@@ -806,7 +806,7 @@ def test_login_by_url_and_by_options_with_a_password_file(
         hub.publish(IMAGE, result(1))
         assert wait_for(lambda: b'{"cat": 0.75, "dog": 0.25}' in sub.on(infer_topic(thing)))
     finally:
-        out.stop()
+        stop(out)
     # As options: the user name, and the password from a file only its owner reads.
     secret = tmp_path / "mqtt-password"
     secret.write_text("s3cret:/@x\n")
@@ -819,7 +819,7 @@ def test_login_by_url_and_by_options_with_a_password_file(
         hub.publish(IMAGE, result(2))
         assert wait_for(lambda: len(sub.on(infer_topic(thing))) >= 2)
     finally:
-        out.stop()
+        stop(out)
     with pytest.raises(OutputError, match="--mqtt-password-file: cannot read"):
         make_publisher(Settings(iot="mqtt", mqtt=url, mqtt_username="cam",
                                 mqtt_password_file=str(tmp_path / "missing")), thing)
@@ -847,7 +847,7 @@ def test_a_refused_login_is_reported_once_as_such(brokers: Any, hub: FrameHub,
         assert refused[0].levelno == logging.WARNING
         assert "wrong" not in caplog.text
     finally:
-        out.stop()
+        stop(out)
 
 
 class Relay:
@@ -985,7 +985,7 @@ def test_alpn_for_aws_iot_core_on_port_443(brokers: Any, subscribers: Any, certs
             assert wait_for(lambda: None in front.negotiated)
             assert not out.publisher.status()[0]
         finally:
-            out.stop()
+            stop(out)
         out = mqtt_output(hub, url, thing, mqtt_alpn="x-amzn-mqtt-ca", **tls)
         out.start()
         try:
@@ -994,7 +994,7 @@ def test_alpn_for_aws_iot_core_on_port_443(brokers: Any, subscribers: Any, certs
             assert wait_for(lambda: b'{"cat": 0.75, "dog": 0.25}' in sub.on(infer_topic(thing)))
             assert "x-amzn-mqtt-ca" in front.negotiated
         finally:
-            out.stop()
+            stop(out)
     finally:
         front.stop()
 
@@ -1013,29 +1013,28 @@ def test_results_topic_and_client_id_options(brokers: Any, subscribers: Any, hub
         assert wait_for(lambda: b'{"cat": 0.75, "dog": 0.25}' in sub.on("deeplens/cam-topic/infer"))
         assert "as dashboard-7" in broker.log.read_text()
     finally:
-        out.stop()
+        stop(out)
     # The default client id is the thing name, as AWS IoT policies expect.
     assert mqtt_output(hub, broker.url, thing).publisher.client_id == thing  # type: ignore[attr-defined]
 
 
 def test_mqtt_options_are_checked_and_the_password_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
-    from inference.config import SettingError, from_env, parse_value
-
     for field, bad, message in (
         ("mqtt", "mqtt://h:99999", "port must be 1..65535"),
         ("mqtt", "mqtt://h:0", "port must be 1..65535"),
         ("mqtt", "tcp://u:pw@h", "expected mqtt://"),
         ("iot_topic", "deeplens/#", "wildcards"),
         ("iot_topic", " ", "must not be empty"),
-        ("iot_queue", "0", "between 1 and 100000"),
+        ("iot_queue", "0", "greater than or equal to 1,"),
+        ("iot_queue", "100001", "less than or equal to 100000,"),
         ("mqtt_alpn", "a,,b", "expected auto, off"),
     ):
-        with pytest.raises(SettingError, match=message) as info:
-            parse_value(field, bad)
+        with pytest.raises(ConfigError, match=message) as info:
+            Settings.load(flags={field: bad}, env={})
         assert info.value.option == "--" + field.replace("_", "-")
         assert "pw" not in str(info.value)
-    settings = from_env(env={"DEEPLENS_MQTT": "mqtts://cam:pa55@broker:8883",
-                             "DEEPLENS_MQTT_PASSWORD": "other"})
+    settings = Settings.load(env={"DEEPLENS_MQTT": "mqtts://cam:pa55@broker:8883",
+                                  "DEEPLENS_MQTT_PASSWORD": "other"})
     shown = json.dumps(settings.public())
     assert "pa55" not in shown and "other" not in shown
     assert settings.public()["mqtt"] == "mqtts://cam:***@broker:8883"

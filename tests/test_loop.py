@@ -1,4 +1,5 @@
-"""InferenceLoop: live settings, pause/resume/stop, model switches, and survival of faults."""
+"""The inference loop run by its Service: live settings, pause/resume/stop, model switches, and
+survival of faults."""
 
 from __future__ import annotations
 
@@ -10,13 +11,16 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 
-from inference.config import Settings
-from inference.hub import FrameHub, Published
-from inference.loop import InferenceLoop, LoopState, default_source_factory
-from inference.models import load_model
+from inference.models.parse import CutsAfterParsing
+from inference.pipeline.frames import Frame, FrameHub
+from inference.pipeline.loop import LoopState
+from inference.result import Result
+from inference.service import Service, default_model_factory, default_source_factory
+from inference.settings import Settings
 from inference.sources.synthetic import SyntheticSource
 from inference.types import Image, ModelError, ModelInfo
 from tests import onnx_graphs
@@ -45,11 +49,14 @@ class FlakySource:
             return None
         return self._inner.read()
 
+    def ready(self) -> bool:
+        return not self.failing.is_set() and self._inner.ready()
+
     def close(self) -> None:
         self._inner.close()
 
 
-class ScriptedModel:
+class ScriptedModel(CutsAfterParsing):
     """A classification model that raises, or returns NaN, on chosen calls."""
 
     def __init__(self, name: str = "scripted") -> None:
@@ -78,8 +85,8 @@ class ScriptedModel:
         pass
 
 
-def collect(hub: FrameHub, n: int, timeout: float = 10.0) -> list[Published]:
-    out: list[Published] = []
+def collect(hub: FrameHub, n: int, timeout: float = 10.0) -> list[Frame]:
+    out: list[Frame] = []
     seq = hub.seq
     deadline = time.monotonic() + timeout
     while len(out) < n and time.monotonic() < deadline:
@@ -91,31 +98,45 @@ def collect(hub: FrameHub, n: int, timeout: float = 10.0) -> list[Published]:
     return out
 
 
+def rendered(frame: Frame) -> bool:
+    """The frame's picture was drawn (resized, overlay) already."""
+    return frame._image is not None
+
+
+def jpeg_size(frame: Frame, res: str) -> tuple[int, int]:
+    """(width, height) of the JPEG ``frame`` holds at ``res``."""
+    data = frame.jpeg(res)
+    assert data is not None, f"frame {frame.seq} has no {res} JPEG"
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return int(image.shape[1]), int(image.shape[0])
+
+
 @pytest.fixture
 def make_loop() -> Iterator[Any]:
-    loops: list[InferenceLoop] = []
+    """A Service (hub, loop, capture) over ``source`` and ``model``, or the default factories."""
+    services: list[Service] = []
 
-    def make(settings: Settings | None = None, source: Any = None, model: Any = None) -> InferenceLoop:
+    def make(settings: Settings | None = None, source: Any = None, model: Any = None) -> Service:
         settings = settings or Settings(source="synthetic:320x180@100", display_res="native")
-        loop = InferenceLoop(
+        service = Service(
             settings,
             source_factory=(lambda s: source) if source is not None else default_source_factory,
-            model_factory=(lambda s: model) if model is not None else load_model,
+            model_factory=(lambda s: model) if model is not None else default_model_factory,
         )
-        loops.append(loop)
-        return loop
+        services.append(service)
+        return service
 
     yield make
-    for loop in loops:
-        loop.close()
+    for service in services:
+        service.stop()
     assert not [t for t in threading.enumerate() if t.name == "inference-loop" and t.is_alive()]
 
 
 def test_bikes_plays_through_the_loop_at_its_own_frame_rate(make_loop: Any) -> None:
-    loop = make_loop(Settings(source="demo", model="efficientnet-lite0"))
-    loop.prepare()
-    loop.start()
-    items = collect(loop.hub, 40)
+    service = make_loop(Settings(source="demo", model="efficientnet-lite0"))
+    service.prepare()
+    service.start()
+    items = collect(service.hub, 40)
     gaps = np.diff([i.result.timestamp for i in items[5:]])
     # bikes.mp4 is 25 fps: frames 40 ms apart, never faster; a loaded machine may be a bit slower.
     assert 0.034 < statistics.median(gaps) < 0.08
@@ -126,15 +147,15 @@ def test_bikes_plays_through_the_loop_at_its_own_frame_rate(make_loop: Any) -> N
 
 def test_results_and_frames_share_seq_and_settings_apply_live(make_loop: Any) -> None:
     model = ScriptedModel()
-    loop = make_loop(source=SyntheticSource(320, 180, fps=100), model=model)
-    loop.start()
-    item = collect(loop.hub, 1)[0]
+    service = make_loop(source=SyntheticSource(320, 180, fps=100), model=model)
+    service.start()
+    item = collect(service.hub, 1)[0]
     assert item.seq == item.result.seq
     assert [i.name for i in item.result.items] == ["one", "zero"]
-    loop.update({"top_k": 1, "threshold": 0.5, "display_res": "480p", "overlay": False})
+    service.apply({"top_k": 1, "threshold": 0.5, "display_res": "480p", "overlay": False})
     # 320x180 is below 480p: kept as is. A bigger source is drawn at 480p (see below).
     time.sleep(0.05)
-    later = collect(loop.hub, 3)[-1]
+    later = collect(service.hub, 3)[-1]
     assert [i.name for i in later.result.items] == ["one"]
     assert later.result.top_k == 1 and later.result.threshold == 0.5
     assert later.image.shape == (180, 320, 3)
@@ -143,26 +164,26 @@ def test_results_and_frames_share_seq_and_settings_apply_live(make_loop: Any) ->
 
 def test_overlay_draws_only_when_on(make_loop: Any) -> None:
     source = SyntheticSource(320, 180, fps=100)
-    loop = make_loop(source=source, model=ScriptedModel())
-    loop.update({"overlay": False})
-    loop.start()
-    plain = collect(loop.hub, 1)[0]
+    service = make_loop(source=source, model=ScriptedModel())
+    service.apply({"overlay": False})
+    service.start()
+    plain = collect(service.hub, 1)[0]
     n = int(plain.image[60:, :, :].sum())  # frame numbers differ only at the top
-    loop.update({"overlay": True})
+    service.apply({"overlay": True})
     time.sleep(0.05)
-    drawn = collect(loop.hub, 2)[-1]
+    drawn = collect(service.hub, 2)[-1]
     assert int(drawn.image[60:, :, :].sum()) != n
 
 
 def test_overlay_and_resize_wait_for_a_consumer_and_happen_once(make_loop: Any) -> None:
     """A frame nobody looks at is neither resized nor drawn on (the idle cost); the first
     consumer draws it, every other consumer, on any thread, gets that same array."""
-    loop = make_loop(Settings(source="unused", display_res="480p"),
-                     source=SyntheticSource(1280, 720, fps=100), model=ScriptedModel())
-    loop.start()
-    items = collect(loop.hub, 5)
-    assert not any(i.rendered for i in items)
-    assert loop.stats.stage_ms["overlay"] == 0.0  # nothing was ever drawn
+    service = make_loop(Settings(source="unused", display_res="480p"),
+                        source=SyntheticSource(1280, 720, fps=100), model=ScriptedModel())
+    service.start()
+    items = collect(service.hub, 5)
+    assert not any(rendered(i) for i in items)
+    assert service.loop.stats.stage_ms["overlay"] == 0.0  # nothing was ever drawn
     item = items[-1]
     assert item.size == (858, 480)  # the DeepLens 480p size, not yet made
     images: list[Image] = []
@@ -174,17 +195,20 @@ def test_overlay_and_resize_wait_for_a_consumer_and_happen_once(make_loop: Any) 
         thread.join(5)
     assert len(images) == 8 and all(image is images[0] for image in images)
     assert images[0].shape[1::-1] == item.size
-    assert loop.stats.stage_ms["overlay"] > 0.0
-    assert not items[-2].rendered  # only what was asked for
-    encoded = loop.hub.jpeg("native", item)
-    assert encoded is not None and (encoded.width, encoded.height) == item.size
+    assert service.loop.stats.stage_ms["overlay"] > 0.0
+    assert not rendered(items[-2])  # only what was asked for
+    # The encode may take a newer frame than the one asked for (the loop runs on): it is the same
+    # size and at least as new.
+    encoded = service.hub.encode("native", item)
+    assert encoded is not None and encoded.seq >= item.seq
+    assert jpeg_size(encoded, "native") == item.size
 
 
 def test_a_drawn_frame_differs_from_the_captured_one_only_where_the_overlay_is(make_loop: Any) -> None:
     source = SyntheticSource(320, 180, fps=100)
-    loop = make_loop(source=source, model=ScriptedModel())
-    loop.start()
-    item = collect(loop.hub, 1)[0]
+    service = make_loop(source=source, model=ScriptedModel())
+    service.start()
+    item = collect(service.hub, 1)[0]
     raw = item._raw
     assert raw is not None
     before = raw.copy()
@@ -200,151 +224,182 @@ def test_a_drawn_frame_differs_from_the_captured_one_only_where_the_overlay_is(m
 def test_a_failing_overlay_costs_the_overlay_not_the_frame(
     make_loop: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from inference import overlay
+    from inference.logutil import RateLimitedLog
+    from inference.pipeline import overlay, render
 
     def broken(*args: Any) -> None:
         raise ValueError("bad label text")
 
     monkeypatch.setattr(overlay, "draw_classification", broken)
-    loop = make_loop(source=SyntheticSource(320, 180, fps=100), model=ScriptedModel())
-    loop.start()
-    items = collect(loop.hub, 3)
-    with caplog.at_level(logging.WARNING, logger="inference.loop"):
+    # The rate limit is the module's, for the process: start from a fresh one.
+    monkeypatch.setattr(render, "_rl", RateLimitedLog(render.log))
+    service = make_loop(source=SyntheticSource(320, 180, fps=100), model=ScriptedModel())
+    service.start()
+    items = collect(service.hub, 3)
+    with caplog.at_level(logging.WARNING, logger="inference.pipeline.render"):
         images = [item.image for item in items]
     assert [image.shape for image in images] == [(180, 320, 3)] * 3
-    assert loop.hub.jpeg("native", items[-1]) is not None  # a viewer still gets the frame
+    encoded = service.hub.encode("native", items[-1])  # a viewer still gets the frame
+    assert encoded is not None and encoded.jpeg("native") is not None
     lines = [r for r in caplog.records if "overlay not drawn: bad label text" in r.getMessage()]
     assert len(lines) == 1  # rate-limited, not one line per frame
 
 
 def test_pause_resume_stop_start(make_loop: Any) -> None:
-    loop = make_loop(source=SyntheticSource(160, 90, fps=100), model=ScriptedModel())
-    loop.start()
-    collect(loop.hub, 3)
-    loop.pause()
+    service = make_loop(source=SyntheticSource(160, 90, fps=100), model=ScriptedModel())
+    service.start()
+    collect(service.hub, 3)
+    assert service.pipeline("pause") is LoopState.PAUSED
     time.sleep(0.3)
-    assert loop.state is LoopState.PAUSED
-    seq = loop.hub.seq
+    assert service.state is LoopState.PAUSED
+    seq = service.hub.seq
     time.sleep(0.3)
-    assert loop.hub.seq == seq
-    loop.resume()
-    assert loop.state is LoopState.RUNNING
-    collect(loop.hub, 3)
-    loop.stop()
-    assert loop.state is LoopState.STOPPED
-    loop.start()
-    collect(loop.hub, 2)
-    assert loop.state is LoopState.RUNNING
+    assert service.hub.seq == seq
+    assert service.pipeline("resume") is LoopState.RUNNING
+    assert service.state is LoopState.RUNNING
+    collect(service.hub, 3)
+    assert service.pipeline("stop") is LoopState.STOPPED
+    assert service.state is LoopState.STOPPED
+    assert service.pipeline("start") is LoopState.RUNNING
+    collect(service.hub, 2)
+    assert service.state is LoopState.RUNNING
+    # The whole service stopped and started again (the capture closed and reopened) runs too.
+    service.stop()
+    assert service.state is LoopState.STOPPED
+    service.start()
+    collect(service.hub, 2)
+    assert service.state is LoopState.RUNNING
 
 
 def test_model_errors_are_counted_shown_and_survived(make_loop: Any) -> None:
     model = ScriptedModel()
     model.raise_on = {3, 4}
     model.nan_on = {6}
-    loop = make_loop(source=SyntheticSource(160, 90, fps=100), model=model)
-    loop.start()
-    items = collect(loop.hub, 10)
+    service = make_loop(source=SyntheticSource(160, 90, fps=100), model=model)
+    service.start()
+    items = collect(service.hub, 10)
     errors = [i.result.error for i in items if i.result.error]
     assert len(errors) == 3
     assert "inference engine hiccup" in errors[0]
     assert "NaN" in errors[2]
-    assert loop.stats.model_errors == 3
+    stats = service.loop.stats
+    assert stats.model_errors == 3
+    assert stats.last_model_error is not None and "NaN" in stats.last_model_error
     assert items[-1].result.error is None and items[-1].result.items
 
 
 def test_switching_to_a_broken_model_keeps_the_old_one(make_loop: Any, tmp_path: Path) -> None:
-    loop = make_loop(
+    service = make_loop(
         Settings(source="synthetic:160x90@100", model="efficientnet-lite0", display_res="native")
     )
-    loop.prepare()
-    loop.start()
-    collect(loop.hub, 2)
+    service.prepare()
+    service.start()
+    collect(service.hub, 2)
     broken = tmp_path / "broken.onnx"
     broken.write_bytes(b"\x08\x07garbage")
     with pytest.raises(ModelError, match="broken.onnx"):
-        loop.update({"model": str(broken), "model_type": "classification"})
-    assert loop.settings.model == "efficientnet-lite0"
-    after = collect(loop.hub, 2)[-1]
+        service.apply({"model": str(broken), "model_type": "classification"})
+    assert service.settings.model == "efficientnet-lite0"
+    after = collect(service.hub, 2)[-1]
     assert after.result.model is not None and after.result.model.name == "efficientnet-lite0"
     assert after.result.error is None
     good = tmp_path / "colour.onnx"
     good.write_bytes(onnx_graphs.classifier())
-    loop.update({"model": str(good), "model_type": "classification"})
+    service.apply({"model": str(good), "model_type": "classification"})
     time.sleep(0.05)
-    switched = collect(loop.hub, 2)[-1]
+    switched = collect(service.hub, 2)[-1]
     assert switched.result.model is not None and switched.result.model.name == "colour"
 
 
 @pytest.mark.parametrize("raise_errors", [False, True])
 def test_camera_loss_shows_no_signal_and_recovers(make_loop: Any, raise_errors: bool) -> None:
     source = FlakySource(raise_errors)
-    loop = make_loop(source=source, model=ScriptedModel())
-    loop.start()
-    collect(loop.hub, 3)
+    service = make_loop(source=source, model=ScriptedModel())
+    service.start()
+    collect(service.hub, 3)
     source.failing.set()
-    lost = collect(loop.hub, 5)
+    lost = collect(service.hub, 5)
     assert all((i.result.error or "").startswith("no signal") for i in lost[1:])
-    assert loop.stats.consecutive_failures >= 3
+    assert service.capture.consecutive_failures >= 3
+    assert service.capture.last_error is not None
     # The NO SIGNAL frame keeps the display size so viewers see no jump.
     assert lost[-1].image.shape == (180, 320, 3)
     assert source.opens >= 2  # reopened after repeated failures
+    assert service.capture.reopens >= 1
     source.failing.clear()
-    back = collect(loop.hub, 3)
+    back = collect(service.hub, 3)
     assert back[-1].result.error is None and back[-1].result.items
-    assert loop.stats.consecutive_failures == 0
-    assert loop.state is LoopState.RUNNING
+    assert service.capture.consecutive_failures == 0 and service.capture.last_error is None
+    assert service.state is LoopState.RUNNING
 
 
 def test_source_switch_swaps_on_success(make_loop: Any) -> None:
-    loop = make_loop(source=SyntheticSource(160, 90, fps=100), model=ScriptedModel())
-    loop._source_factory = default_source_factory
-    loop.start()
-    collect(loop.hub, 2)
+    # The default source factory: "synthetic:160x90@100" is a SyntheticSource(160, 90, fps=100).
+    service = make_loop(Settings(source="synthetic:160x90@100", display_res="native"),
+                        model=ScriptedModel())
+    service.start()
+    assert collect(service.hub, 2)[-1].image.shape[:2] == (90, 160)
     with pytest.raises(Exception, match="is no file"):
-        loop.update({"source": "/no/such/video.mp4"})
-    loop.update({"source": "synthetic:200x100@100"})
+        service.apply({"source": "/no/such/video.mp4"})
+    assert service.settings.source == "synthetic:160x90@100"
+    service.apply({"source": "synthetic:200x100@100"})
     time.sleep(0.1)
-    assert collect(loop.hub, 2)[-1].image.shape[:2] == (100, 200)
+    assert collect(service.hub, 2)[-1].image.shape[:2] == (100, 200)
 
 
 def test_hub_encodes_lazily_and_once_per_resolution(make_loop: Any) -> None:
-    loop = make_loop(source=SyntheticSource(320, 180, fps=100), model=ScriptedModel())
-    loop.start()
-    collect(loop.hub, 5)
-    assert loop.hub.total_encodes == 0  # nobody asked: nothing encoded
-    loop.pause()
+    service = make_loop(source=SyntheticSource(1280, 720, fps=100), model=ScriptedModel())
+    service.start()
+    collect(service.hub, 5)
+    assert service.hub.total_encodes == 0  # nobody asked: nothing encoded
+    service.pipeline("pause")
     time.sleep(0.3)
-    a = loop.hub.jpeg("480p")
-    b = loop.hub.jpeg("480p")
-    c = loop.hub.jpeg("native")
-    assert a is b and a is not None and c is not None
-    assert loop.hub.encodes["480p"] == 1 and loop.hub.encodes["native"] == 1
-    assert (a.width, a.height) == (858, 480) and (c.width, c.height) == (320, 180)
+    a = service.hub.encode("480p")
+    b = service.hub.encode("480p")
+    c = service.hub.encode("native")
+    assert a is not None and b is not None and c is not None
+    assert a is b is c  # the paused loop's last frame, holding both JPEGs
+    assert a.jpeg("480p") is b.jpeg("480p")
+    assert service.hub.encodes["480p"] == 1 and service.hub.encodes["native"] == 1
+    assert jpeg_size(a, "480p") == (858, 480) and jpeg_size(c, "native") == (1280, 720)
+
+
+def test_a_resolution_above_the_frame_shares_its_native_jpeg() -> None:
+    # An upscale would only cost CPU and bandwidth: 480p of a 320x180 frame is its native JPEG.
+    hub = FrameHub()
+    image = np.zeros((180, 320, 3), np.uint8)
+    hub.publish(image, Result(seq=1, timestamp=time.time(), model=None, frame_size=(320, 180)))
+    a = hub.encode("480p")
+    c = hub.encode("native")
+    assert a is not None and a is c and a.effective_res("480p") == "native"
+    assert a.jpeg("480p") is c.jpeg("native")
+    assert hub.encodes["480p"] == 0 and hub.encodes["native"] == 1
+    assert jpeg_size(a, "480p") == (320, 180)
 
 
 def test_large_frames_are_drawn_at_the_display_resolution(make_loop: Any) -> None:
-    loop = make_loop(source=SyntheticSource(1920, 1080, fps=100), model=ScriptedModel())
-    loop.update({"display_res": "480p"})
-    loop.start()
-    assert collect(loop.hub, 2)[-1].image.shape == (480, 858, 3)
-    loop.update({"display_res": "native"})
+    service = make_loop(source=SyntheticSource(1920, 1080, fps=100), model=ScriptedModel())
+    service.apply({"display_res": "480p"})
+    service.start()
+    assert collect(service.hub, 2)[-1].image.shape == (480, 858, 3)
+    service.apply({"display_res": "native"})
     time.sleep(0.05)
-    assert collect(loop.hub, 2)[-1].image.shape == (1080, 1920, 3)
+    assert collect(service.hub, 2)[-1].image.shape == (1080, 1920, 3)
 
 
 def test_a_failed_source_in_the_same_change_keeps_the_old_model(make_loop: Any, tmp_path: Path) -> None:
-    loop = make_loop(
+    service = make_loop(
         Settings(source="synthetic:160x90@100", model="efficientnet-lite0", display_res="native")
     )
-    loop.prepare()
-    loop.start()
-    collect(loop.hub, 2)
+    service.prepare()
+    service.start()
+    collect(service.hub, 2)
     good = tmp_path / "colour.onnx"
     good.write_bytes(onnx_graphs.classifier())
     with pytest.raises(Exception, match="is no file"):
-        loop.update({"model": str(good), "model_type": "classification",
-                     "source": "/no/such/clip.mp4"})
-    assert loop.settings.model == "efficientnet-lite0"
-    assert loop.settings.source == "synthetic:160x90@100"
-    after = collect(loop.hub, 2)[-1]
+        service.apply({"model": str(good), "model_type": "classification",
+                       "source": "/no/such/clip.mp4"})
+    assert service.settings.model == "efficientnet-lite0"
+    assert service.settings.source == "synthetic:160x90@100"
+    after = collect(service.hub, 2)[-1]
     assert after.result.model is not None and after.result.model.name == "efficientnet-lite0"

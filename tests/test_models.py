@@ -8,10 +8,10 @@ import cv2
 import numpy as np
 import pytest
 
-from inference.config import Settings
 from inference.models import load_model, parse
-from inference.models.parse import parse_first, select
-from inference.types import ModelError, ModelInfo
+from inference.models.parse import CutsAfterParsing, select
+from inference.settings import Settings
+from inference.types import Model, ModelError, ModelInfo
 from tests import onnx_graphs
 
 CATS = {"tiger cat", "Egyptian cat", "tabby, tabby cat", "Persian cat", "Siamese cat, Siamese"}
@@ -47,10 +47,11 @@ def test_the_loops_parse_is_the_head_of_the_full_one(chelsea_bgr: np.ndarray) ->
     # The loop keeps only the first top_k entries and builds only those: they must be the very
     # entries, in the very order, of the device form's list.
     model = load_model(Settings(model="efficientnet-lite0"))
+    assert isinstance(model, Model)  # the protocol the loop runs: parse_top included
     raw = model.infer(model.preprocess(chelsea_bgr))
     full = model.parse(raw)["classification"]
     for k in (1, 5, 999, 1000, 5000):
-        assert parse_first(model, raw, k) == {"classification": full[:k]}
+        assert model.parse_top(raw, k) == {"classification": full[:k]}
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 6, 7])
@@ -65,12 +66,12 @@ def test_a_partial_classification_parse_breaks_ties_as_the_full_sort(k: int) -> 
         "classification": parse.classification(many)["classification"][: k * 7]}
 
 
-def test_a_model_without_parse_top_is_cut_after_its_own_parse() -> None:
-    class DeviceLike:
+def test_a_model_that_parses_everything_is_cut_after_its_own_parse() -> None:
+    class DeviceLike(CutsAfterParsing):
         def parse(self, raw):  # type: ignore[no-untyped-def]
             return {"classification": [{"label": i, "prob": 1.0 / (i + 1)} for i in range(10)]}
 
-    parsed = parse_first(DeviceLike(), {}, 3)  # type: ignore[arg-type]
+    parsed = DeviceLike().parse_top({}, 3)
     assert parsed == {"classification": [{"label": i, "prob": 1.0 / (i + 1)} for i in range(3)]}
 
 
@@ -80,11 +81,11 @@ def test_detections_are_never_cut_before_the_threshold() -> None:
     boxes = [{"label": i, "prob": p, "xmin": 0.0, "ymin": 0.0, "xmax": 10.0, "ymax": 10.0}
              for i, p in enumerate([0.1, 0.2, 0.9, 0.1, 0.8])]
 
-    class DeviceLike:
+    class DeviceLike(CutsAfterParsing):
         def parse(self, raw):  # type: ignore[no-untyped-def]
             return {"ssd": list(boxes)}
 
-    parsed = parse_first(DeviceLike(), {}, 2)  # type: ignore[arg-type]
+    parsed = DeviceLike().parse_top({}, 2)
     assert parsed == {"ssd": boxes}
     info = ModelInfo("device", "ssd", 300, 300, "awscam", {})
     items = select(parsed, info, top_k=2, threshold=0.5, frame_size=(300, 300))

@@ -28,10 +28,10 @@ import psutil
 import pytest
 
 from app.server import ServerThread, create_server
-from inference.config import Settings
 from inference.outputs import build_outputs
 from inference.outputs.iot import IotOutput, availability_topic, infer_topic
-from inference.runtime import Runtime
+from inference.service import Service
+from inference.settings import Settings
 from tests.conftest import ROOT, free_port
 from tests.test_iot import Broker, brokers, subscribers  # noqa: F401 - fixtures shared with test_iot
 from tests.test_server import TOKEN, fake_model_factory
@@ -39,7 +39,7 @@ from tests.test_server import TOKEN, fake_model_factory
 # Every thread the dashboard starts, by name: none may outlive a stop.
 OUR_THREADS = re.compile(
     r"^(inference-loop|http-server|fifo-writer|iot-publisher|jpeg-encode-\d+|source-grabber.*|"
-    r"runtime-st.*|settings-apply|pipeline-.*|mqtt-stop)$"
+    r"lambda-keepalive|settings-apply|pipeline-.*|mqtt-stop)$"
 )
 
 
@@ -69,7 +69,7 @@ class SlowPublisher:
     def status(self) -> tuple[bool, str]:
         return True, "slow"
 
-    def close(self, timeout: float = 2.0) -> None:
+    def close(self, deadline: float) -> None:
         self.closed = True
 
 
@@ -134,13 +134,16 @@ def test_stop_with_streams_fifo_reader_and_a_pending_iot_queue(tmp_path: Path) -
     fifo = tmp_path / "results.mjpeg"
     settings = Settings(source="synthetic:320x180@100", host="127.0.0.1", port=free_port(), token=TOKEN,
                         fifo=str(fifo), iot="off", iot_payload="rich", log_level="warning")
-    runtime = Runtime(settings, model_factory=fake_model_factory)
-    for output in build_outputs(settings, runtime.hub):
-        runtime.add_output(output)
+    service = Service(settings, model_factory=fake_model_factory)
+    for output in build_outputs(settings, service.hub):
+        service.add_output(output)
     publisher = SlowPublisher()
-    iot = IotOutput(settings.replace(iot="log"), runtime.hub, publisher, thing="cam")
-    runtime.add_output(iot)
-    server = ServerThread(create_server(runtime, settings))
+    iot = IotOutput(settings.replace(iot="log"), service.hub, publisher, thing="cam")
+    service.add_output(iot)
+    # The owner starts the service, then serves it; it stops the server, then the service, by
+    # one deadline (as the Lambda does; the CLI's serve stops the service once the server ends).
+    service.start()
+    server = ServerThread(create_server(service))
     server.start()
     try:
         wait_until(fifo.exists, "the FIFO")
@@ -155,13 +158,15 @@ def test_stop_with_streams_fifo_reader_and_a_pending_iot_queue(tmp_path: Path) -
             wait_until(connected, "streams and the FIFO reader")
         wait_until(lambda: iot.backlog > 5, "a backlog behind the slow publisher")
         started = time.monotonic()
-        server.stop(timeout=2.0)
+        deadline = started + 2.0
+        server.stop(deadline)
+        service.stop(deadline)
         elapsed = time.monotonic() - started
     finally:
         server.stop()
-        runtime.stop()
+        service.stop()
     assert elapsed < 2.0, f"stopping took {elapsed:.2f} s"
-    last = runtime.hub.latest()
+    last = service.hub.latest()
     assert last is not None
     assert seqs_of(publisher.sent)[-1] == last.seq, "the last result was not published"
     assert iot.stats()["dropped_backlog"] > 0  # the older backlog made way for it, counted

@@ -36,8 +36,8 @@ from app.cli import main as cli_main
 from app.main import create_app
 from app.security import COOKIE_NAME, cookie_value, require_control
 from app.server import run_in_thread
-from inference.config import Settings
-from inference.runtime import Runtime
+from inference.service import Service
+from inference.settings import Settings
 from tests.conftest import free_port, require_tool
 from tests.test_server import TOKEN, PartReader, Running, fake_model_factory, running_server
 
@@ -56,8 +56,8 @@ def _walk(routes: list[Any]) -> Iterator[APIRoute]:
 
 
 def _app_routes() -> list[APIRoute]:
-    runtime = Runtime(Settings(source="synthetic", token=TOKEN))
-    routes = list(_walk(create_app(runtime, runtime.settings).routes))
+    service = Service(Settings(source="synthetic", token=TOKEN))
+    routes = list(_walk(create_app(service).routes))
     assert len(routes) >= 10, "the route walk found too few routes: FastAPI changed its layout?"
     return routes
 
@@ -93,8 +93,8 @@ def srv() -> Iterator[Running]:
 
 
 def _unchanged(srv: Running) -> None:
-    assert srv.runtime.loop.state.value == "running"
-    assert srv.runtime.settings.threshold == 0.0 and srv.runtime.settings.top_k == 5
+    assert srv.service.loop.state.value == "running"
+    assert srv.service.settings.threshold == 0.0 and srv.service.settings.top_k == 5
 
 
 @pytest.mark.parametrize(("method", "path"), MUTATIONS, ids=[f"{m} {p}" for m, p in MUTATIONS])
@@ -183,9 +183,15 @@ def test_the_token_is_in_no_response_and_logged_only_at_start(
     monkeypatch.setattr(logging.getLogger("uvicorn.access"), "propagate", True)
     settings = Settings(source="synthetic:320x180@30", host="127.0.0.1", port=free_port(), token="",
                         fifo="off", iot="off", log_level="debug", protect_views=True)
-    runtime = Runtime(settings, model_factory=fake_model_factory)
-    thread = run_in_thread(runtime, settings)  # generates the token and logs it once
-    token = thread.server.app.state.settings.token
+    service = Service(settings, model_factory=fake_model_factory)
+    service.start()  # the app's lifespan does not: its owner (here this test) does
+    try:
+        thread = run_in_thread(service)  # generates the token and logs it once
+    except BaseException:
+        service.stop()
+        raise
+    token = thread.server.app.state.token
+    assert len(token) >= 24
     seen: list[str] = []
 
     def record(response: httpx.Response) -> None:
@@ -221,7 +227,7 @@ def test_the_token_is_in_no_response_and_logged_only_at_start(
                     seen.append(chunk.decode("latin-1"))
     finally:
         thread.stop()
-        runtime.stop()
+        service.stop()
     assert len(seen) > 40
     for text in seen:
         assert token not in text, text[:300]
@@ -251,7 +257,7 @@ def _raw_get(url: str, path: str) -> tuple[int, bytes]:
 TRAVERSALS = [
     "/static/../security.py", "/static/../app/security.py", "/static/../../pyproject.toml",
     "/static/%2e%2e/security.py", "/static/%2E%2E/%2E%2E/pyproject.toml", "/static/..%2fsecurity.py",
-    "/static/%2e%2e%2f%2e%2e%2finference/config.py", "/static/..%5csecurity.py",
+    "/static/%2e%2e%2f%2e%2e%2finference/settings.py", "/static/..%5csecurity.py",
     "/static/..\\security.py", "/static/./../main.py", "/static/....//security.py",
     "/static//etc/passwd", "/static/%2fetc%2fpasswd", "/static/app.css%00/../../security.py",
     "/../app/security.py", "/static/../templates/index.html",
@@ -261,7 +267,7 @@ TRAVERSALS = [
 def test_static_files_allow_no_traversal_and_no_listing(srv: Running) -> None:
     status, css = _raw_get(srv.url, "/static/app.css")
     assert status == 200 and css  # the mount works, so the refusals below mean something
-    secrets_ = (b"compare_digest", b"[build-system]", b"OPTIONS", b"root:", b"create_app",
+    secrets_ = (b"compare_digest", b"[build-system]", b"SECRET_FIELDS", b"root:", b"create_app",
                 b"{% ", b"<html")
     for path in TRAVERSALS:
         status, body = _raw_get(srv.url, path)

@@ -2,7 +2,10 @@
 
 Every test runs a real uvicorn on a free loopback port (``running_server``) with the synthetic
 source and a fake model that answers instantly, so the HTTP layer is what is under test. The
-helpers here are shared by test_stream, test_control and test_page.
+helpers here are shared by test_stream, test_control and test_page (and others).
+
+``create_app(service)`` neither starts nor stops the service: ``serve_runtime`` starts it
+before the server and stops it after the server, as the CLI and the Lambda do.
 """
 
 from __future__ import annotations
@@ -25,10 +28,13 @@ import httpx
 import numpy as np
 import pytest
 
-from app.server import PortInUseError, ServerThread, bind_socket, create_server, ensure_token
-from inference.config import Settings
+from app.main import create_app
+from app.server import PortInUseError, ServerThread, bind_socket, create_server
 from inference.models import parse
-from inference.runtime import Runtime
+from inference.models.parse import CutsAfterParsing
+from inference.outputs.iot import IotOutput, NullPublisher
+from inference.service import Service
+from inference.settings import Settings
 from inference.types import FrameSource, Image, ModelError, ModelInfo, RawOutputs
 from tests.conftest import ROOT, free_port, require_tool
 
@@ -40,7 +46,7 @@ LABELS[1] = "gas pump, gasoline pump, petrol pump, island dispenser, fuel statio
 BROKEN = "broken.onnx"
 
 
-class FakeModel:
+class FakeModel(CutsAfterParsing):
     """A classification model with fixed probabilities: instant, and easy to threshold."""
 
     def __init__(self, name: str = "fake") -> None:
@@ -76,6 +82,9 @@ class DeadSource:
     def read(self) -> Image | None:
         return None
 
+    def ready(self) -> bool:
+        return False
+
     def close(self) -> None:
         pass
 
@@ -90,8 +99,9 @@ class FakeOutput:
     def start(self) -> None:
         self.started = True
 
-    def stop(self, timeout: float = 2.0) -> None:
+    def stop(self, deadline: float) -> bool:
         self.started = False
+        return True
 
     def health(self) -> tuple[bool, str]:
         return (True, "ok") if self.healthy else (False, "broker unreachable")
@@ -109,9 +119,14 @@ class FakeOutput:
 @dataclass
 class Running:
     url: str
-    runtime: Runtime
+    service: Service
     thread: ServerThread
     settings: Settings
+
+    @property
+    def runtime(self) -> Service:
+        """The service (its name before the redesign)."""
+        return self.service
 
     def client(self, token: str | None = None, **kwargs: Any) -> httpx.Client:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
@@ -119,15 +134,23 @@ class Running:
 
     def wait_frames(self, count: int = 1, timeout: float = 20.0) -> int:
         """Wait until ``count`` more frames are published; the new seq (fails if none come)."""
-        hub = self.runtime.hub
+        hub = self.service.hub
         seq = hub.seq
         target = seq + count
         deadline = time.monotonic() + timeout
         while seq < target:
-            item = hub.wait_newer(seq, max(0.0, deadline - time.monotonic()))
-            assert item is not None, f"no new frame after seq {seq}"
-            seq = item.seq
+            frame = hub.wait_newer(seq, max(0.0, deadline - time.monotonic()))
+            assert frame is not None, f"no new frame after seq {seq}"
+            seq = frame.seq
         return seq
+
+
+def server_settings(source: str = "synthetic:640x360@30", **overrides: Any) -> Settings:
+    """The settings ``running_server`` serves with: a free loopback port, TOKEN, no outputs."""
+    values: dict[str, Any] = {"source": source, "host": "127.0.0.1", "port": free_port(),
+                              "token": TOKEN, "fifo": "off", "iot": "off", "log_level": "warning"}
+    values.update(overrides)
+    return Settings(**values)
 
 
 @contextmanager
@@ -138,29 +161,40 @@ def running_server(
     outputs: tuple[Any, ...] = (),
     **overrides: Any,
 ) -> Iterator[Running]:
-    settings = Settings(source=source, host="127.0.0.1", port=free_port(), token=TOKEN,
-                        fifo="off", iot="off", log_level="warning", **overrides)
+    settings = server_settings(source, **overrides)
     kwargs: dict[str, Any] = {"model_factory": model_factory}
     if source_factory is not None:
         kwargs["source_factory"] = source_factory
-    runtime = Runtime(settings, **kwargs)
+    service = Service(settings, **kwargs)
     for output in outputs:
-        runtime.add_output(output)
-    with serve_runtime(runtime, settings) as running:
+        service.add_output(output)
+    with serve_runtime(service) as running:
         yield running
 
 
 @contextmanager
-def serve_runtime(runtime: Runtime, settings: Settings) -> Iterator[Running]:
-    """A real uvicorn on ``settings``' loopback port serving ``runtime``; stopped on exit."""
-    thread = ServerThread(create_server(runtime, settings))
-    thread.start()
+def serve_runtime(service: Service, settings: Settings | None = None) -> Iterator[Running]:
+    """A real uvicorn on the service's loopback port serving ``service``, which is started
+    before the server and stopped after it; both stopped on exit. ``settings``, if given, must
+    be the service's own (the server takes its options from ``service.settings``)."""
+    if settings is not None and settings != service.settings:
+        raise ValueError("serve_runtime serves with service.settings; give the service those")
+    service.start()
     try:
-        yield Running(thread.url, runtime, thread, settings)
+        thread = ServerThread(create_server(service))
+        thread.start()
+    except BaseException:
+        service.stop()
+        raise
+    try:
+        yield Running(thread.url, service, thread, service.settings)
     finally:
-        thread.stop(timeout=2.0)
-        runtime.stop()
+        thread.stop(time.monotonic() + 2.0)
+        service.stop()
         assert thread._thread is not None and not thread._thread.is_alive()
+
+
+serve_service = serve_runtime
 
 
 # -- multipart parsing, shared with the stream tests ----------------------------------------------
@@ -217,12 +251,18 @@ def read_parts(client: httpx.Client, path: str, count: int) -> list[Part]:
 
 
 # -- tests -----------------------------------------------------------------------------------------
-def test_ensure_token_generates_once_and_keeps_a_given_one() -> None:
-    generated = ensure_token(Settings())
-    assert len(generated.token) >= 24
-    assert ensure_token(generated).token == generated.token
-    assert ensure_token(Settings(token="mine")).token == "mine"
-    assert ensure_token(Settings()).token != generated.token
+def test_the_app_token_is_the_given_one_else_the_setting_else_generated() -> None:
+    service = Service(Settings())
+    generated = create_app(service).state.token
+    assert len(generated) >= 24
+    assert create_app(service).state.token != generated, "each app generates its own"
+    assert create_app(service, token=generated).state.token == generated
+    mine = Service(Settings(token="mine"))
+    assert create_app(mine).state.token == "mine"
+    assert create_app(mine, token="given").state.token == "given"
+    # The server's app is where the CLI and the Lambda read the token they log.
+    assert create_server(mine).app.state.token == "mine"
+    assert len(create_server(service).app.state.token) >= 24
 
 
 def test_server_thread_is_named_non_daemon_and_stops_the_loop() -> None:
@@ -230,10 +270,10 @@ def test_server_thread_is_named_non_daemon_and_stops_the_loop() -> None:
         thread = srv.thread._thread
         assert thread is not None and thread.name == "http-server" and not thread.daemon
         assert srv.thread.started
-        assert srv.runtime.loop.state.value == "running"
+        assert srv.service.loop.state.value == "running"
         srv.wait_frames(2)
     assert not thread.is_alive()
-    assert srv.runtime.loop.state.value == "stopped"
+    assert srv.service.loop.state.value == "stopped"
     assert not srv.thread.started
 
 
@@ -285,7 +325,13 @@ def test_health_names_camera_model_and_outputs() -> None:
 
 def test_stats_metrics_docs_and_iot_messages() -> None:
     output = FakeOutput(messages=[{"time": 1.0, "topic": "$aws/things/x/infer", "payload": "{}"}])
-    with running_server(outputs=(output,)) as srv, srv.client() as client:
+    settings = server_settings()
+    service = Service(settings, model_factory=fake_model_factory)
+    # /api/iot/messages shows the service's IoT output (service.iot): a real one, publishing nowhere.
+    iot = IotOutput(settings, service.hub, NullPublisher(), thing="x")
+    service.add_output(output)
+    service.add_output(iot)
+    with serve_runtime(service) as srv, srv.client(TOKEN) as client:
         srv.wait_frames(2)
         stats = client.get("/api/stats").json()
         for key in ("capture_fps", "inference_fps", "delivered_fps", "frames_skipped", "viewers"):
@@ -293,13 +339,26 @@ def test_stats_metrics_docs_and_iot_messages() -> None:
         assert stats["jpeg"]["encodes_total"] == 0 and stats["viewers"] == []
         # the loop's OS thread id names a thread of this process (what top -H / py-spy show)
         assert os.path.isdir(f"/proc/{os.getpid()}/task/{stats['loop_thread_id']}")
-        assert stats["outputs"] == {"fake-iot": {"sent": 1}}
+        assert set(stats["outputs"]) == {"fake-iot", iot.name}
+        assert stats["outputs"]["fake-iot"] == {"sent": 1}
+        assert stats["outputs"][iot.name]["topic"] == "$aws/things/x/infer"
         metrics = client.get("/metrics")
         assert metrics.headers["content-type"].startswith("text/plain")
         assert re.search(r"^deeplens_frames_total \d+", metrics.text, re.M)
         assert 'deeplens_pipeline_state{state="running"} 1.0' in metrics.text
         assert 'deeplens_output_healthy{output="fake-iot"} 1.0' in metrics.text
-        assert client.get("/api/iot/messages").json() == output.messages
+        assert f'deeplens_output_healthy{{output="{iot.name}"}} 1.0' in metrics.text
+        # Paused and drained, the IoT output's messages hold still to be compared.
+        assert client.post("/api/pipeline/pause").json()["state"] == "paused"
+        sent = -1
+        for _ in range(50):
+            if sent == iot.sent:
+                break
+            sent = iot.sent
+            time.sleep(0.3)
+        messages = client.get("/api/iot/messages").json()
+        assert messages == iot.recent_messages() and len(messages) >= 2
+        assert {m["topic"] for m in messages} == {"$aws/things/x/infer"}
         assert client.get("/docs").status_code == 200
         paths = client.get("/openapi.json").json()["paths"]
         for path in ("/stream.mjpg", "/snapshot.jpg", "/results", "/results/events", "/api/config",

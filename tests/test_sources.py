@@ -14,6 +14,7 @@ from inference.sources import SourceSpecError, make_source
 from inference.sources.images import ImagesSource
 from inference.sources.synthetic import SyntheticSource
 from inference.sources.video import VideoSource, demo_clip
+from inference.types import FrameSource
 
 
 def test_synthetic_is_deterministic_and_numbered() -> None:
@@ -141,3 +142,34 @@ def test_url_and_webcam_specs_pick_video_capture() -> None:
     assert isinstance(make_source("rtsp://127.0.0.1:1/x"), VideoSource)
     cam = make_source("0")
     assert isinstance(cam, VideoSource) and cam.live and cam.target == 0
+
+
+def test_every_kind_is_a_frame_source_that_says_when_a_frame_waits(tmp_path: Path) -> None:
+    # ready(): a read now would not wait (the loop, not the source, sets the pace).
+    cv2.imwrite(str(tmp_path / "a.png"), np.zeros((8, 8, 3), np.uint8))
+    unpaced = [make_source("synthetic:64x48", fps=0), make_source(str(tmp_path), fps=0)]
+    for source in [*unpaced, make_source("demo"), make_source("rtsp://127.0.0.1:1/x")]:
+        assert isinstance(source, FrameSource), source
+    for source in unpaced:
+        source.open()
+        try:
+            assert source.ready() and source.read() is not None and source.ready()
+        finally:
+            source.close()
+    paced = make_source("synthetic:64x48@2")
+    paced.open()
+    try:
+        assert paced.read() is not None
+        assert not paced.ready()  # the next frame is half a second away
+    finally:
+        paced.close()
+    demo = make_source("demo", fps=0)
+    demo.open()
+    try:
+        assert demo.read() is not None
+        deadline = time.monotonic() + 5
+        while not demo.ready() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert demo.ready()
+    finally:
+        demo.close()

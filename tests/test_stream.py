@@ -37,7 +37,7 @@ def wait_until(predicate: object, what: str, timeout: float = 20.0) -> None:
 
 def settle(srv: Running) -> int:
     """After a pause, the seq once the frame that was in flight (if any) has been published."""
-    hub = srv.runtime.hub
+    hub = srv.service.hub
     seq = hub.seq
     for _ in range(20):
         item = hub.wait_newer(seq, 0.3)
@@ -72,7 +72,7 @@ def test_results_seq_is_the_seq_of_a_streamed_frame() -> None:
             reader = PartReader(response.iter_bytes())
             # Paused: the stream sends the latest frame (and again every ~1 s): that is seq.
             seen = [reader.next().seq for _ in range(2)]
-        assert seq in seen and srv.runtime.hub.seq == seq
+        assert seq in seen and srv.service.hub.seq == seq
 
 
 def test_res_scales_down_never_up_and_rejects_unknown_names() -> None:
@@ -83,8 +83,13 @@ def test_res_scales_down_never_up_and_rejects_unknown_names() -> None:
         assert decode(read_parts(client, "/stream.mjpg?res=1080p", 1)[0]).shape == (720, 1280, 3)
         bad = client.get("/stream.mjpg?res=999p")
         assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["query", "res"]
-        assert client.get("/stream.mjpg?fps=fast").status_code == 422
-        assert client.get("/snapshot.jpg?res=999p").status_code == 422
+        # fps is a number >= 0 (0 = uncapped): anything else, empty included, is FastAPI's 422.
+        for fps in ("fast", "", "-1", "nan"):
+            bad = client.get("/stream.mjpg", params={"fps": fps})
+            assert bad.status_code == 422, fps
+            assert bad.json()["detail"][0]["loc"] == ["query", "fps"], fps
+        bad = client.get("/snapshot.jpg?res=999p")
+        assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["query", "res"]
         snap = client.get("/snapshot.jpg?res=480p")
         assert snap.headers["content-type"] == "image/jpeg" and int(snap.headers["x-frame-seq"]) >= 1
         image = cv2.imdecode(np.frombuffer(snap.content, np.uint8), cv2.IMREAD_COLOR)
@@ -98,6 +103,12 @@ def test_fps_cap_is_per_viewer() -> None:
             reader.next()
             viewers = client.get("/api/stats").json()["viewers"]
         assert [v["fps_cap"] for v in viewers] == [2.0]
+        wait_until(lambda: client.get("/api/stats").json()["viewers"] == [], "the viewer to leave")
+        with client.stream("GET", "/stream.mjpg?fps=0") as response:  # 0: as the frames come
+            reader = PartReader(response.iter_bytes())
+            reader.next()
+            viewers = client.get("/api/stats").json()["viewers"]
+        assert [v["fps_cap"] for v in viewers] == [None]
 
 
 def test_paused_stream_resends_the_latest_frame() -> None:
@@ -118,10 +129,10 @@ def test_no_encode_without_a_consumer() -> None:
         srv.wait_frames(20)
         for path in ("/results", "/api/stats", "/health", "/metrics", "/"):
             assert client.get(path).status_code == 200
-        assert srv.runtime.hub.total_encodes == 0
+        assert srv.service.hub.total_encodes == 0
         assert client.get("/api/stats").json()["jpeg"]["encodes_total"] == 0
         client.get("/snapshot.jpg")
-        assert srv.runtime.hub.total_encodes == 1
+        assert srv.service.hub.total_encodes == 1
 
 
 def _watch(url: str, path: str, count: int, out: list[list[int]]) -> None:
@@ -131,7 +142,7 @@ def _watch(url: str, path: str, count: int, out: list[list[int]]) -> None:
 
 def test_concurrent_viewers_share_one_encode_per_frame_and_resolution() -> None:
     with running_server(source="synthetic:1280x720@30") as srv:
-        hub = srv.runtime.hub
+        hub = srv.service.hub
         srv.wait_frames(1)
         published_before = hub.published
         results: list[list[int]] = []
@@ -160,9 +171,9 @@ def test_slow_viewer_skips_to_the_latest_frame_without_holding_up_the_loop() -> 
             sock.settimeout(20)
             sock.connect((host, int(port)))
             sock.sendall(b"GET /stream.mjpg HTTP/1.1\r\nHost: x\r\n\r\n")
-            start = srv.runtime.hub.published
+            start = srv.service.hub.published
             srv.wait_frames(120)  # the viewer reads nothing meanwhile; the loop goes on
-            assert srv.runtime.hub.published - start >= 120
+            assert srv.service.hub.published - start >= 120
 
             def chunks() -> Iterator[bytes]:
                 data = sock.recv(65536)
@@ -275,12 +286,14 @@ def test_shutdown_ends_open_streams() -> None:
                 return len(stats["viewers"]) == 3 and stats["event_subscribers"] == 1
 
             wait_until(all_connected, "every stream to connect")
-        srv.thread.stop(timeout=2.0)
+        srv.thread.stop(time.monotonic() + 2.0)
         assert not srv.thread.started
         for w in watchers:
             w.join(2.0)
         assert sorted(ended) == sorted(paths)
-        assert srv.runtime.loop.state.value == "stopped"
+        # The server's shutdown leaves the service to its owner (here running_server).
+        assert srv.service.loop.state.value == "running"
+    assert srv.service.loop.state.value == "stopped"
 
 
 def test_ffmpeg_reads_the_stream() -> None:
@@ -300,7 +313,7 @@ def test_broadcaster_wakes_the_event_loop_only_when_someone_waits() -> None:
     import asyncio
 
     from app.broadcast import Broadcaster
-    from inference.hub import FrameHub
+    from inference.pipeline.frames import FrameHub
     from inference.result import Result
 
     hub = FrameHub()
@@ -336,12 +349,57 @@ def test_broadcaster_wakes_the_event_loop_only_when_someone_waits() -> None:
     assert newer and wakes >= 1
 
 
+def test_an_encode_that_waited_encodes_the_newest_frame() -> None:
+    """FrameHub.encode: encodes that queued behind a slow one coalesce into one encode of the
+    newest frame, which answers them all (a frame nobody got to is never encoded)."""
+    from inference.pipeline.frames import Frame, FrameHub
+    from inference.result import Result
+
+    hub = FrameHub()
+    rendering, release = threading.Event(), threading.Event()
+    image = np.zeros((16, 16, 3), np.uint8)
+
+    def slow_render(raw: np.ndarray) -> np.ndarray:
+        rendering.set()
+        release.wait(5)  # the encode of frame 1 is busy while 2, 3 and 4 are asked for
+        return raw
+
+    first = hub.publish(image, Result(1, time.time(), None, (16, 16)), render=slow_render)
+    got: dict[int, int] = {}
+
+    def encode(frame: Frame) -> None:
+        encoded = hub.encode("native", frame)
+        assert encoded is not None
+        got[frame.seq] = encoded.seq
+
+    threads = [threading.Thread(target=encode, args=(first,), name="encode-1")]
+    threads[0].start()
+    assert rendering.wait(5), "the first encode never started"
+    later = [hub.publish(image, Result(seq, time.time(), None, (16, 16))) for seq in (2, 3, 4)]
+    for frame in later:
+        threads.append(threading.Thread(target=encode, args=(frame,), name=f"encode-{frame.seq}"))
+        threads[-1].start()
+    time.sleep(0.2)  # let them queue behind the first encode
+    release.set()
+    for thread in threads:
+        thread.join(5)
+    assert got == {1: 1, 2: 4, 3: 4, 4: 4}
+    assert hub.encodes["native"] == 2 and hub.total_encodes == 2
+    assert first.jpeg("native") is not None and later[2].jpeg("native") is not None
+    assert later[0].jpeg("native") is None and later[1].jpeg("native") is None  # never encoded
+    assert later[2].part("native").startswith(b"--frame\r\n")
+    # An encode of a frame already encoded (or older than the last encode) encodes nothing.
+    assert hub.encode("native", later[0]) is later[2] and hub.encode("native") is later[2]
+    assert hub.encodes["native"] == 2
+
+
 def test_a_lagging_encoder_skips_to_the_newest_frame() -> None:
-    """Requests queued behind a slow encode coalesce: one encode of the newest frame answers them."""
+    """The viewers' path: requests queued behind a slow encode in the broadcaster's encoder
+    threads coalesce: one encode of the newest frame answers them."""
     import asyncio
 
-    from app.broadcast import Encoder
-    from inference.hub import FrameHub
+    from app.broadcast import Broadcaster
+    from inference.pipeline.frames import FrameHub
     from inference.result import Result
 
     hub = FrameHub()
@@ -354,22 +412,24 @@ def test_a_lagging_encoder_skips_to_the_newest_frame() -> None:
         return raw
 
     async def scenario() -> list[int]:
-        encoder = Encoder(hub, threads=1)
+        broadcaster = Broadcaster(hub, asyncio.get_running_loop())
+        broadcaster.attach()
         try:
-            hub.publish(image, Result(1, time.time(), None, (16, 16)), render=slow_render)
-            futures = [encoder.submit(hub.latest(), "native")]  # type: ignore[arg-type]
+            first = hub.publish(image, Result(1, time.time(), None, (16, 16)), render=slow_render)
+            tasks = [asyncio.ensure_future(broadcaster.encoded(first, "native"))]
             # Off the event loop: the encoder's result is posted back to it.
             assert await asyncio.get_running_loop().run_in_executor(None, rendering.wait, 5), (
                 "the encoder never started")
             for seq in (2, 3, 4):
-                hub.publish(image, Result(seq, time.time(), None, (16, 16)))
-                futures.append(encoder.submit(hub.latest(), "native"))  # type: ignore[arg-type]
+                frame = hub.publish(image, Result(seq, time.time(), None, (16, 16)))
+                tasks.append(asyncio.ensure_future(broadcaster.encoded(frame, "native")))
+            await asyncio.sleep(0.2)  # the requests are in the encoder threads' hands
             release.set()
-            frames = await asyncio.wait_for(asyncio.gather(*futures), 5)
-            assert encoder.coalesced == 2
+            frames = await asyncio.wait_for(asyncio.gather(*tasks), 5)
             return [frame.seq for frame in frames]
         finally:
-            encoder.stop()
+            broadcaster.close()
+            broadcaster.detach(time.monotonic() + 2.0)
 
     assert asyncio.run(scenario()) == [1, 4, 4, 4]  # frames 2 and 3 were never encoded
     assert hub.encodes["native"] == 2

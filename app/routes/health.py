@@ -63,11 +63,11 @@ def health_report(service: Service) -> dict[str, Any]:
         except Exception as exc:  # a broken health check is itself unhealthy, not a 500
             ok, message = False, f"health check failed: {exc}"
         outputs[output.name] = {"ok": ok, "message": message}
+        if not ok:
+            reasons.append(f"outputs: {output.name}: {message}")
     iot = service.iot
     if iot is not None:
         outputs[iot.name]["backlog"] = iot.backlog
-        if not ok:
-            reasons.append(f"outputs: {output.name}: {message}")
 
     if state == "stopped":
         reasons.append("pipeline: stopped")

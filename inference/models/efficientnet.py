@@ -448,7 +448,15 @@ def build_efficientnet_lite0_onnx(state: dict[str, npt.NDArray[Any]] | None = No
     g.const("relu6.max", np.array(6.0, dtype=np.float32))
 
     x, ch, size = g.conv_bn(INPUT_NAME, 3, INPUT_SIZE, "_conv_stem", "_bn0", stride=2)
+    x, ch, size = _blocks(g, state, x, ch, size)
+    x, ch, size = g.conv_bn(x, ch, size, "_conv_head", "_bn1")
+    _classifier(g, x, ch)
+    return _serialize(g)
 
+
+def _blocks(g: _GraphBuilder, state: dict[str, npt.NDArray[Any]], x: str, ch: int,
+            size: int) -> tuple[str, int, int]:
+    """The MBConv blocks, stage by stage (a stage starts where the output width changes)."""
     n_blocks = _block_count(state)
     if n_blocks == 0:
         raise WeightsError("state dict has no _blocks.N._depthwise_conv weights")
@@ -476,9 +484,10 @@ def build_efficientnet_lite0_onnx(state: dict[str, npt.NDArray[Any]] | None = No
             x = added
     if stage != len(_STAGE_STRIDES) - 1:
         raise WeightsError(f"weights have {stage + 1} stages, EfficientNet has 7")
+    return x, ch, size
 
-    x, ch, size = g.conv_bn(x, ch, size, "_conv_head", "_bn1")
 
+def _classifier(g: _GraphBuilder, x: str, ch: int) -> None:
     fc_w, fc_b = g.tensor("_fc.weight"), g.tensor("_fc.bias")
     if fc_w.shape != (NUM_CLASSES, ch) or fc_b.shape != (NUM_CLASSES,):
         raise WeightsError(f"_fc has shape {fc_w.shape}, expected ({NUM_CLASSES}, {ch})")
@@ -495,6 +504,8 @@ def build_efficientnet_lite0_onnx(state: dict[str, npt.NDArray[Any]] | None = No
         helper.make_node("Softmax", ["logits"], [OUTPUT_NAME], name="softmax", axis=1),
     ]
 
+
+def _serialize(g: _GraphBuilder) -> bytes:
     graph = helper.make_graph(
         g.nodes,
         "efficientnet_lite0",

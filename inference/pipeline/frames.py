@@ -195,8 +195,9 @@ class FrameHub:
     def encode(self, res: str, frame: Optional[Frame] = None) -> Optional[Frame]:
         """A frame at least as new as ``frame`` (default: the latest) with its JPEG at ``res``.
 
-        One encode per resolution at a time. Whoever waited for the lock finds the frame already
-        encoded, or encodes the newest one rather than the stale one it was asked for.
+        One encode per resolution at a time, always of the newest frame: whoever waited for the
+        lock, or asked for a frame already replaced, gets the fresher picture (or the one encoded
+        meanwhile) rather than a stale one.
         """
         if res not in self._encode_locks:
             raise ValueError(f"unknown resolution {res!r}")

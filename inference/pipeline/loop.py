@@ -112,7 +112,7 @@ class InferenceLoop(Worker):
             self.capture.replace(source)
 
     def close(self) -> None:
-        """Release the source and the model (the loop must be stopped)."""
+        """Release the source, and one handed over but not taken (the loop must be stopped)."""
         with self._swap_lock:
             pending, self._new_source = self._new_source, None
         if pending is not None:
