@@ -492,6 +492,96 @@ class _Message:
     status: bool  # a status line or an error rather than an inference
 
 
+class Outbox:
+    """Messages made and not yet handed to the publisher, oldest first: the backlog of an outage,
+    at most ``size``. Only the publisher thread changes it."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._messages: collections.deque[_Message] = collections.deque()
+        self.dropped = 0
+
+    def __len__(self) -> int:
+        return len(self._messages)
+
+    def add(self, message: _Message) -> _Message | None:
+        """Append ``message``; the oldest one dropped to make room, if any."""
+        dropped = None
+        if len(self._messages) >= self.size:
+            dropped = self._messages.popleft()
+            self.dropped += 1
+        self._messages.append(message)
+        return dropped
+
+    def head(self) -> _Message:
+        return self._messages[0]
+
+    def pop_head(self) -> None:
+        self._messages.popleft()
+
+    def keep_the_latest_result(self) -> None:
+        """The status lines and the newest result only: what a stop has time to send."""
+        results = [m for m in self._messages if not m.status]
+        if len(results) > 1:
+            last = results[-1]
+            self._messages = collections.deque(m for m in self._messages if m.status or m is last)
+            self.dropped += len(results) - 1
+
+
+class Composer:
+    """What goes on the topic for each inference and status, as the seed said it: ``{label: prob}``
+    (or the rich result), "<model> model loaded" once per model, "Error in ...: <error>" once per
+    distinct error and then at most every ERROR_REPEAT_SECONDS; thinned out by --iot-max-rate and
+    --iot-on-change."""
+
+    def __init__(self, settings: Settings, clock: Callable[[], float]) -> None:
+        self._clock = clock
+        self.apply(settings)
+        self._announced_model: str | None = None
+        self._error_sent: dict[str, float] = {}
+        self._last_labels: frozenset[str] | None = None
+        self._last_sent = -1e9
+        self.skipped_rate = 0
+        self.skipped_unchanged = 0
+
+    def apply(self, settings: Settings) -> None:
+        self.payload_mode = settings.iot_payload
+        self.max_rate = settings.iot_max_rate
+        self.on_change = settings.iot_on_change
+        self.model_name = settings.model
+
+    def inference(self, item: Frame) -> list[_Message]:
+        result = item.result
+        out: list[_Message] = []
+        if result.model is not None and result.model.name != self._announced_model:
+            self._announced_model = result.model.name
+            out.append(_Message(f"{result.model.name} model loaded".encode(), True))
+        if result.error:
+            # No inference happened (model not loaded, model error, no frame): say so.
+            return out + self.error(result.error)
+        payload = result.payload()
+        labels = frozenset(payload)
+        if self.on_change and labels == self._last_labels:
+            self.skipped_unchanged += 1
+            return out
+        now = self._clock()
+        if self.max_rate > 0 and now - self._last_sent < 1.0 / self.max_rate:
+            self.skipped_rate += 1
+            return out
+        self._last_sent, self._last_labels = now, labels
+        body = result.to_json() if self.payload_mode == "rich" else payload
+        return out + [_Message(json.dumps(body).encode("utf-8"), False)]
+
+    def error(self, error: str) -> list[_Message]:
+        now = self._clock()
+        if now - self._error_sent.get(error, -1e9) < ERROR_REPEAT_SECONDS:
+            return []
+        if len(self._error_sent) > 100:
+            self._error_sent.clear()
+        self._error_sent[error] = now
+        return [_Message(f"Error in {SOURCE_NAME}: {error}".encode(), True)]
+
+
 class IotOutput(Worker):
     name = "iot"  # its key in /health, /api/stats and /metrics
     thread_name = "iot-publisher"
@@ -513,37 +603,25 @@ class IotOutput(Worker):
     ) -> None:
         super().__init__()
         self.hub = hub
-        self._clock = clock  # the rate limit's clock; tests pass their own
+        self.composer = Composer(settings, clock)  # clock: the rate limit's; tests pass their own
         self.publisher = publisher
         self.thing = thing or resolve_thing_name(settings)
         self.topic = infer_topic(self.thing, settings.iot_topic)
         self.queue_size = queue_size
         self.backlog_size = settings.iot_queue
-        self._model_name = settings.model
         self.nice = settings.serving_nice  # added to the publisher thread's nice value
-        self._payload_mode = settings.iot_payload
-        self._max_rate = settings.iot_max_rate
-        self._on_change = settings.iot_on_change
         self._cond = threading.Condition()
         self._queue: collections.deque[_Job] = collections.deque()
-        # Messages made and not yet handed to the publisher: the backlog of an outage.
-        self._outbox: collections.deque[_Message] = collections.deque()
+        self._outbox = Outbox(settings.iot_queue)
         self._recent: collections.deque[dict[str, Any]] = collections.deque(maxlen=RECENT_MESSAGES)
         self._drain_until = 0.0
         self._rl = RateLimitedLog(log)
-        self._announced_model: str | None = None
         self._loading_announced = False
-        self._error_sent: dict[str, float] = {}
-        self._last_labels: frozenset[str] | None = None
-        self._last_sent = -1e9
         self._last_ok = True
         self.sent = 0
         self.dropped_queue = 0
-        self.dropped_backlog = 0
         self.errors = 0
         self.refused_too_large = 0
-        self.skipped_rate = 0
-        self.skipped_unchanged = 0
         self.status_messages = 0
         self.last_error: str | None = None
 
@@ -573,8 +651,7 @@ class IotOutput(Worker):
             self.stopping.set()
             self._cond.notify_all()
         stopped = self.join(self._drain_until + 0.1)
-        with self._cond:
-            unsent = len(self._outbox)
+        unsent = len(self._outbox)
         if unsent:
             log.warning("IoT: %d messages not sent at stop (%s)", unsent, self.publisher.status()[1])
         self.publisher.close(deadline)
@@ -583,14 +660,14 @@ class IotOutput(Worker):
     def health(self) -> tuple[bool, str]:
         ok, description = self.publisher.status()
         backlog = self.backlog
-        waiting = f" ({backlog} messages waiting, {self.dropped_backlog} dropped)" if backlog else ""
+        waiting = f" ({backlog} messages waiting, {self._outbox.dropped} dropped)" if backlog else ""
         if not ok:
             return False, f"{self.publisher.name}: {description}{waiting}"
         if not self._last_ok and self.last_error:
             return False, f"{self.publisher.name}: last publish failed: {self.last_error}"
         return True, (
             f"{self.publisher.name} -> {self.topic}: {self.sent} sent, "
-            f"{self.dropped_queue + self.dropped_backlog} dropped, {self.errors} errors{waiting}"
+            f"{self.dropped_queue + self._outbox.dropped} dropped, {self.errors} errors{waiting}"
         )
 
     @property
@@ -606,21 +683,21 @@ class IotOutput(Worker):
             "thing": self.thing,
             "connected": ok,
             "status": description,
-            "payload": self._payload_mode,
-            "max_rate": self._max_rate,
-            "on_change": self._on_change,
+            "payload": self.composer.payload_mode,
+            "max_rate": self.composer.max_rate,
+            "on_change": self.composer.on_change,
             "sent": self.sent,
             "acknowledged": getattr(publisher, "acked", self.sent),
             "in_flight": getattr(publisher, "in_flight", 0),
             "status_messages": self.status_messages,
             "backlog": self.backlog,
             "backlog_size": self.backlog_size,
-            "dropped_backlog": self.dropped_backlog,
+            "dropped_backlog": self._outbox.dropped,
             "dropped_queue": self.dropped_queue,
             "errors": self.errors,
             "refused_too_large": self.refused_too_large,
-            "skipped_rate": self.skipped_rate,
-            "skipped_unchanged": self.skipped_unchanged,
+            "skipped_rate": self.composer.skipped_rate,
+            "skipped_unchanged": self.composer.skipped_unchanged,
             "queue": len(self._queue),
             "queue_size": self.queue_size,
             "last_error": self.last_error,
@@ -629,10 +706,7 @@ class IotOutput(Worker):
         }
 
     def apply(self, settings: Settings) -> None:
-        self._payload_mode = settings.iot_payload
-        self._max_rate = settings.iot_max_rate
-        self._on_change = settings.iot_on_change
-        self._model_name = settings.model
+        self.composer.apply(settings)
 
     # -- for the control page and the Lambda ---------------------------------------------------
     def recent_messages(self) -> list[dict[str, Any]]:
@@ -648,7 +722,7 @@ class IotOutput(Worker):
         """The seed's 'Loading ... model' line, once; the Lambda calls it before loading."""
         if not self._loading_announced:
             self._loading_announced = True
-            self.status(f"Loading {self._display_model_name()} model")
+            self.status(f"Loading {display_name(self.composer.model_name)} model")
 
     def report_error(self, error: str) -> None:
         """Queue the seed's ``Error in ...: <error>``; the same text as a frame's error (e.g.
@@ -692,7 +766,7 @@ class IotOutput(Worker):
                     log.exception("IoT publisher error")
             trimmed = stop.is_set()
             if trimmed:
-                self._keep_the_latest_result()
+                self._outbox.keep_the_latest_result()
             self._flush(stop, trimmed)
             if stop.is_set() and not self._queue and not self._outbox:
                 return  # drained
@@ -705,16 +779,15 @@ class IotOutput(Worker):
                 return
             if not self.publisher.wait_ready(0.05):
                 return  # no connection, or the window is full: the run loop comes back
-            with self._cond:
-                if self._queue:
-                    return  # new work first: its messages join the outbox behind these
-                message = self._outbox[0]
+            if self._queue:
+                return  # new work first: its messages join the outbox behind these
+            message = self._outbox.head()
             try:
                 self.publisher.publish(self.topic, message.payload)
             except PublishOffline:
                 return  # kept at the head; the next pass tries again
             except Exception as exc:  # InvocationException, socket errors: counted, logged, survived
-                self._take_head(message)
+                self._outbox.pop_head()
                 self.errors += 1
                 self._last_ok = False
                 self.last_error = f"{type(exc).__name__}: {exc}"
@@ -722,66 +795,20 @@ class IotOutput(Worker):
                          self.last_error, key="publish-error")
                 self._remember(message.payload, f"error: {self.last_error}")
                 continue
-            self._take_head(message)
+            self._outbox.pop_head()
             self._last_ok = True
             self.sent += 1
             self._remember(message.payload, "sent")
 
-    def _keep_the_latest_result(self) -> None:
-        """At stop: the status lines and the newest result, in order, so the topic ends on the
-        last state within the stop's time; older results still waiting are dropped, counted."""
-        with self._cond:
-            results = [m for m in self._outbox if not m.status]
-            if len(results) > 1:
-                last = results[-1]
-                self._outbox = collections.deque(m for m in self._outbox if m.status or m is last)
-                self.dropped_backlog += len(results) - 1
-
-    def _take_head(self, message: _Message) -> None:
-        with self._cond:
-            if self._outbox and self._outbox[0] is message:
-                self._outbox.popleft()
-
     def _make(self, job: _Job) -> None:
         if job.item is not None:
-            self._handle(job.item)
-        elif job.text is not None:
-            self._enqueue(job.text.encode("utf-8"), status=True)
+            messages = self.composer.inference(job.item)
         elif job.error is not None:
-            self._report_error(job.error)
-
-    def _handle(self, item: Frame) -> None:
-        result = item.result
-        if result.model is not None and result.model.name != self._announced_model:
-            self._announced_model = result.model.name
-            self._enqueue(f"{result.model.name} model loaded".encode(), status=True)
-        if result.error:
-            # No inference happened (model not loaded, model error, no frame): say so the seed's
-            # way, once per distinct error and then at most every ERROR_REPEAT_SECONDS.
-            self._report_error(result.error)
-            return
-        payload = result.payload()
-        labels = frozenset(payload)
-        if self._on_change and labels == self._last_labels:
-            self.skipped_unchanged += 1
-            return
-        now = self._clock()
-        if self._max_rate > 0 and now - self._last_sent < 1.0 / self._max_rate:
-            self.skipped_rate += 1
-            return
-        body = result.to_json() if self._payload_mode == "rich" else payload
-        if self._enqueue(json.dumps(body).encode("utf-8")):
-            self._last_sent = now
-            self._last_labels = labels
-
-    def _report_error(self, error: str) -> None:
-        now = self._clock()
-        if now - self._error_sent.get(error, -1e9) < ERROR_REPEAT_SECONDS:
-            return
-        if len(self._error_sent) > 100:
-            self._error_sent.clear()
-        self._error_sent[error] = now
-        self._enqueue(f"Error in {SOURCE_NAME}: {error}".encode(), status=True)
+            messages = self.composer.error(job.error)
+        else:
+            messages = [_Message((job.text or "").encode("utf-8"), True)]
+        for message in messages:
+            self._enqueue(message.payload, message.status)
 
     def _enqueue(self, payload: bytes, status: bool = False) -> bool:
         if status:
@@ -792,14 +819,11 @@ class IotOutput(Worker):
             self._rl(logging.WARNING, "IoT message %s", outcome, key="too-large")
             self._remember(payload, outcome)
             return False
-        with self._cond:
-            if len(self._outbox) >= self.backlog_size:
-                dropped = self._outbox.popleft()
-                self.dropped_backlog += 1
-                self._rl(logging.WARNING, "IoT backlog full (%d messages, %s): dropping the oldest",
-                         self.backlog_size, self.publisher.status()[1], key="backlog-full")
-                self._remember(dropped.payload, "dropped: the backlog was full")
-            self._outbox.append(_Message(payload, status))
+        dropped = self._outbox.add(_Message(payload, status))
+        if dropped is not None:
+            self._rl(logging.WARNING, "IoT backlog full (%d messages, %s): dropping the oldest",
+                     self.backlog_size, self.publisher.status()[1], key="backlog-full")
+            self._remember(dropped.payload, "dropped: the backlog was full")
         return True
 
     def _remember(self, payload: bytes, outcome: str) -> None:
@@ -808,6 +832,3 @@ class IotOutput(Worker):
                  "status": outcome}
         with self._cond:
             self._recent.append(entry)
-
-    def _display_model_name(self) -> str:
-        return display_name(self._model_name)
