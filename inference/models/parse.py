@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Dict
 
 import numpy as np
 import numpy.typing as npt
@@ -79,18 +79,15 @@ def ssd_from_rows(
     arr = np.asarray(rows, dtype=np.float32).reshape(-1, 7)
     arr = arr[np.isfinite(arr).all(axis=1) & (arr[:, 2] > 0) & (arr[:, 0] >= 0)]
     arr = arr[np.argsort(-arr[:, 2], kind="stable")]
-    out = [
-        {
-            "label": int(r[1]) + label_offset,
-            "prob": float(r[2]),
-            "xmin": float(np.clip(r[3], 0, 1) * input_w),
-            "ymin": float(np.clip(r[4], 0, 1) * input_h),
-            "xmax": float(np.clip(r[5], 0, 1) * input_w),
-            "ymax": float(np.clip(r[6], 0, 1) * input_h),
-        }
-        for r in arr
-    ]
-    return {"ssd": out}
+    scale = np.array([input_w, input_h, input_w, input_h], np.float32)
+    return {"ssd": [detection(int(r[1]) + label_offset, r[2], np.clip(r[3:7], 0, 1) * scale)
+                    for r in arr]}
+
+
+def detection(label: int, prob: Any, box: Any) -> Dict[str, Any]:
+    """One entry of an ``ssd`` list, as the device's parseResult gives it."""
+    return {"label": label, "prob": float(prob), "xmin": float(box[0]), "ymin": float(box[1]),
+            "xmax": float(box[2]), "ymax": float(box[3])}
 
 
 def ssd_from_boxes(
@@ -114,19 +111,7 @@ def ssd_from_boxes(
         b = np.clip(b, 0.0, 1.0) * np.array([input_w, input_h, input_w, input_h], np.float32)
     keep = np.isfinite(b).all(axis=1) & np.isfinite(s) & (s > 0)
     order = [i for i in np.argsort(-s, kind="stable") if keep[i]]
-    return {
-        "ssd": [
-            {
-                "label": int(lab[i]),
-                "prob": float(s[i]),
-                "xmin": float(b[i, 0]),
-                "ymin": float(b[i, 1]),
-                "xmax": float(b[i, 2]),
-                "ymax": float(b[i, 3]),
-            }
-            for i in order
-        ]
-    }
+    return {"ssd": [detection(int(lab[i]), s[i], b[i]) for i in order]}
 
 
 def segmentation(output: npt.NDArray[Any]) -> Parsed:
