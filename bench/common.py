@@ -66,9 +66,9 @@ def demo_clip() -> str:
     return str(clip())
 
 
-def child_env() -> dict[str, str]:
+def child_env(product: Path = PRODUCT) -> dict[str, str]:
     """The environment of the processes we start: the product tree first on the path."""
-    path = os.pathsep.join(p for p in (str(PRODUCT), os.environ.get("PYTHONPATH", "")) if p)
+    path = os.pathsep.join(p for p in (str(product), os.environ.get("PYTHONPATH", "")) if p)
     return {**os.environ, "PYTHONPATH": path}
 
 
@@ -151,13 +151,14 @@ class Server:
 
 @contextlib.contextmanager
 def dashboard(source: str, *extra: str, min_published: int = 30,
-              timeout: float = 120.0) -> Iterator[Server]:
-    """``python -m app`` on 127.0.0.1 with ``source``; yields once it publishes steadily."""
+              timeout: float = 120.0, product: Path = PRODUCT) -> Iterator[Server]:
+    """``python -m app`` of ``product`` on 127.0.0.1 with ``source``; yields once it publishes
+    steadily."""
     port = free_port()
     cmd = [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(port),
            "--source", source, "--model", MODEL, "--threads", THREADS,
            "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, cwd=PRODUCT, env=child_env())
+    proc = subprocess.Popen(cmd, cwd=product, env=child_env(product))
     server = Server(proc, port)
     try:
         deadline = time.monotonic() + timeout

@@ -69,6 +69,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
     MODEL,
+    PRODUCT,
     ROOT,
     THREADS,
     Server,
@@ -237,11 +238,12 @@ def delivered(s0: dict[str, Any], s1: dict[str, Any], elapsed: float) -> dict[st
 @contextlib.contextmanager
 def dashboard_config(key: str, label: str, source: str, mqtt: tuple[int, int], tmp: str,
                      viewers: int, stop_clients: Any, clients_at: int | None,
-                     *extra: str) -> Iterator[Config]:
+                     *extra: str, product: Path = PRODUCT) -> Iterator[Config]:
     fifo = os.path.join(tmp, f"{key}.mjpeg")
     with dashboard(source, "--source-fps", "0", "--fifo", fifo, "--fifo-res", "480p",
                    "--iot", "mqtt", "--mqtt", f"mqtt://127.0.0.1:{mqtt[0]}",
-                   "--thing-name", f"bench-{key}", "--max-viewers", "200", *extra) as server, \
+                   "--thing-name", f"bench-{key}", "--max-viewers", "200", *extra,
+                   product=product) as server, \
             ffmpeg_reader(fifo) as reader:
         ctx = mp.get_context("spawn")
         far = time.time() + 24 * 3600  # the clients end on stop_clients, not on a clock
@@ -449,6 +451,11 @@ def run(args: argparse.Namespace) -> list[Config]:
             stack.enter_context(model_only_config(source, pin=True)),
         ]
         pinned = configs[-1]
+        if args.compare:
+            # Another checkout of the product, everything on, in the same run: a before/after.
+            configs.insert(1, stack.enter_context(dashboard_config(
+                "compare", f"dashboard of {args.compare}, everything on ({outputs})", source, mqtt,
+                tmp, args.viewers, stop_clients, clients_at, product=Path(args.compare))))
         configs.append(Config(
             "beside-serving", f"model-only, pinned, beside a serving-only dashboard ({outputs}, "
             f"trivial model, {pace:g} fps, in another process on the other CPU)", pinned.pid,
@@ -581,6 +588,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="", help="a video file (default: bikes.mp4)")
     parser.add_argument("--cycles", type=int, default=16)
+    parser.add_argument("--compare", default="", metavar="DIR",
+                        help="also run the dashboard of another checkout (e.g. the code before a "
+                        "change), everything on, in the same slices")
     parser.add_argument("--slice", type=float, default=2.0, help="seconds measured per slice")
     parser.add_argument("--settle", type=float, default=0.5,
                         help="seconds each configuration runs before its slice is measured")
