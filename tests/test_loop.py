@@ -403,3 +403,25 @@ def test_a_failed_source_in_the_same_change_keeps_the_old_model(make_loop: Any, 
     assert service.settings.source == "synthetic:160x90@100"
     after = collect(service.hub, 2)[-1]
     assert after.result.model is not None and after.result.model.name == "efficientnet-lite0"
+
+
+def test_health_reports_a_model_error_as_recent_only_for_a_while() -> None:
+    """The loop records when its last model error happened; /health counts it as a fault for
+    MODEL_ERROR_WINDOW seconds after that, however often it is asked, and not an hour later."""
+    from app.routes.health import MODEL_ERROR_WINDOW, health_report
+
+    service = Service(Settings(source="synthetic"), model_factory=lambda s: ScriptedModel())
+    service.prepare()
+    stats = service.loop.stats
+
+    def model_reasons() -> list[str]:
+        return [r for r in health_report(service)["reasons"] if r.startswith("model:")]
+
+    assert model_reasons() == []
+    stats.model_failed("model error: boom")
+    for _ in range(3):  # asking does not change the answer
+        assert model_reasons() == [f"model: errors in the last {MODEL_ERROR_WINDOW:.0f} s: "
+                                   "model error: boom"]
+    stats.last_model_error_at = time.monotonic() - 3600  # the same error, an hour ago
+    assert model_reasons() == []
+    assert health_report(service)["checks"]["model"]["errors"] == 1

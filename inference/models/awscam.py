@@ -18,7 +18,6 @@ from inference.types import Image, ModelError, ModelInfo, ModelType, Parsed, Raw
 
 log = logging.getLogger(__name__)
 
-ARTIFACTS_DIR = Path("/opt/awscam/artifacts")
 MO_ERRORS = {1: "platform not supported", 2: "model optimizer failed"}
 
 

@@ -55,10 +55,6 @@ class ImagesSource:
         self._shown_since = time.monotonic()
         self._stop = threading.Event()
 
-    @property
-    def current_file(self) -> str:
-        return self._images[self._index][0] if self._images else ""
-
     def read(self) -> Image | None:
         if not self._images:
             return None
