@@ -451,11 +451,11 @@ def run(args: argparse.Namespace) -> list[Config]:
             stack.enter_context(model_only_config(source, pin=True)),
         ]
         pinned = configs[-1]
-        if args.compare:
+        for n, other in enumerate(args.compare, start=1):
             # Another checkout of the product, everything on, in the same run: a before/after.
-            configs.insert(1, stack.enter_context(dashboard_config(
-                "compare", f"dashboard of {args.compare}, everything on ({outputs})", source, mqtt,
-                tmp, args.viewers, stop_clients, clients_at, product=Path(args.compare))))
+            configs.insert(n, stack.enter_context(dashboard_config(
+                f"compare{n}", f"dashboard of {other}, everything on ({outputs})", source, mqtt,
+                tmp, args.viewers, stop_clients, clients_at, product=Path(other))))
         configs.append(Config(
             "beside-serving", f"model-only, pinned, beside a serving-only dashboard ({outputs}, "
             f"trivial model, {pace:g} fps, in another process on the other CPU)", pinned.pid,
@@ -588,9 +588,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--source", default="", help="a video file (default: bikes.mp4)")
     parser.add_argument("--cycles", type=int, default=16)
-    parser.add_argument("--compare", default="", metavar="DIR",
+    parser.add_argument("--compare", action="append", default=[], metavar="DIR",
                         help="also run the dashboard of another checkout (e.g. the code before a "
-                        "change), everything on, in the same slices")
+                        "change), everything on, in the same slices (repeatable)")
     parser.add_argument("--slice", type=float, default=2.0, help="seconds measured per slice")
     parser.add_argument("--settle", type=float, default=0.5,
                         help="seconds each configuration runs before its slice is measured")

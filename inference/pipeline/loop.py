@@ -8,6 +8,13 @@ exception is logged, counted and shown on the frame, and the next frame is tried
 The loop owns its model and capture while it runs; :class:`~inference.service.Service` hands it
 new ones with :meth:`InferenceLoop.swap`, taken between two frames. With a model on the CPU it
 keeps a CPU to itself while the model sets the pace (:mod:`inference.affinity`).
+
+When the next frame is already waiting (the model, not the source, sets the pace), a frame is
+published just before the next frame's inference rather than as soon as it is made: the threads
+it wakes (encoders, the FIFO writer, the IoT publisher, the event loop) then take the GIL while
+the model runs without it, instead of while the loop's own capture and preprocess need it. It
+costs that frame one capture and preprocess of latency (~1 ms); measured, it is worth ~0.08 of the
+model's speed with 20 viewers (docs/design.md). A loop that waits for its source publishes at once.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ class InferenceLoop(Worker):
         self._rl = RateLimitedLog(log)
         self._last_display_size = NO_SIGNAL_SIZE
         self.isolation: Optional[CpuIsolation] = None
+        self._pending: Optional[Tuple[Image, Result, Any, Tuple[int, int]]] = None
         capture.on_open = self._source_opened
 
     # -- control (from the service) --------------------------------------------------------------
@@ -127,6 +135,7 @@ class InferenceLoop(Worker):
         try:
             while not self.stopping.is_set():
                 if not self._running.is_set():
+                    self._flush()
                     self._running.wait(0.2)
                     continue
                 try:
@@ -134,11 +143,13 @@ class InferenceLoop(Worker):
                 except Exception as exc:  # the loop is the product: nothing may end it
                     self._rl(logging.ERROR, "unexpected error in the inference loop: %s", exc)
                     log.debug("loop error", exc_info=True)
+                    self._flush()
                     self.stopping.wait(0.1)
                 if self.isolation is not None:
                     self.isolation.note(self.capture.ready())
                     self.isolation.check()
         finally:
+            self._flush()
             if self.isolation is not None:
                 self.isolation.release()
         log.info("inference loop stopped")
@@ -192,6 +203,7 @@ class InferenceLoop(Worker):
                 t0 = time.perf_counter()
                 inputs = model.preprocess(frame)
                 t1 = time.perf_counter()
+                self._flush()  # the previous frame's consumers run while the model has no GIL
                 raw = model.infer(inputs)
                 t2 = time.perf_counter()
                 parsed = model.parse_top(raw, settings.top_k)
@@ -218,9 +230,19 @@ class InferenceLoop(Worker):
             error=error, top_k=settings.top_k, threshold=settings.threshold,
         )
         self._last_display_size = display
-        self.hub.publish(frame, result, render, display)
+        self._flush()
+        if error is None and self.capture.ready():
+            self._pending = (frame, result, render, display)
+        else:
+            self.hub.publish(frame, result, render, display)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self.hub.publish(*pending)
 
     def _no_signal(self, reason: str) -> None:
+        self._flush()
         attempt = self.capture.failed(reason)
         self.stats.no_frame()
         self._seq += 1
