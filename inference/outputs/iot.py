@@ -421,8 +421,12 @@ class MqttPublisher:
         if self._connected.is_set():
             # What was handed over gets its chance to be acknowledged, leaving time to say
             # offline: a clean disconnect suppresses the last will.
-            while self._in_flight and self._connected.is_set() and remaining(deadline) > 0.5:
-                self.wait_ready(0.05)
+            while self._connected.is_set() and remaining(deadline) > 0.5:
+                self._progress.clear()
+                self._prune()
+                if not self._in_flight:
+                    break
+                self._progress.wait(min(0.1, remaining(deadline) - 0.5))
             info = self._client.publish(self.availability, "offline", qos=1, retain=True)
             try:
                 info.wait_for_publish(max(0.0, remaining(deadline) - 0.2))

@@ -138,15 +138,16 @@ class InferenceLoop(Worker):
                     self._flush()
                     self._running.wait(0.2)
                     continue
+                waiting = False
                 try:
-                    self.step()
+                    waiting = self.step()
                 except Exception as exc:  # the loop is the product: nothing may end it
                     self._rl(logging.ERROR, "unexpected error in the inference loop: %s", exc)
                     log.debug("loop error", exc_info=True)
                     self._flush()
                     self.stopping.wait(0.1)
                 if self.isolation is not None:
-                    self.isolation.note(self.capture.ready())
+                    self.isolation.note(waiting)
                     self.isolation.check()
         finally:
             self._flush()
@@ -179,18 +180,19 @@ class InferenceLoop(Worker):
             # them every CPU back.
             self.isolation.check(force=True)
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """One frame; True when the next one was already waiting (the model sets the pace)."""
         self._take_swaps()
         started = time.perf_counter()
         frame, reason = self.capture.read()
         if frame is None:
             self._no_signal(reason)
             self.capture.backoff(self.stopping)
-            return
+            return False
         timestamp = time.time()
-        self.process(frame, timestamp, (time.perf_counter() - started) * 1000.0)
+        return self.process(frame, timestamp, (time.perf_counter() - started) * 1000.0)
 
-    def process(self, frame: Image, timestamp: float, capture_ms: float) -> None:
+    def process(self, frame: Image, timestamp: float, capture_ms: float) -> bool:
         settings = self.settings
         timings = {"capture": capture_ms}
         model = self.model
@@ -231,10 +233,12 @@ class InferenceLoop(Worker):
         )
         self._last_display_size = display
         self._flush()
-        if error is None and self.capture.ready():
+        waiting = self.capture.ready()
+        if error is None and waiting:
             self._pending = (frame, result, render, display)
         else:
             self.hub.publish(frame, result, render, display)
+        return waiting
 
     def _flush(self) -> None:
         pending, self._pending = self._pending, None
