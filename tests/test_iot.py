@@ -554,14 +554,19 @@ def rich_seqs(payloads: list[bytes]) -> list[int]:
     return seen
 
 
+def early_output(hub: FrameHub, broker: Broker, thing: str, retry: int, **settings: Any) -> IotOutput:
+    """A rich-payload MQTT output to ``broker`` before it is up, retrying every ``retry`` s."""
+    return IotOutput(Settings(iot="mqtt", mqtt=broker.url, thing_name=thing, model="stub",
+                              iot_payload="rich", **settings),
+                     hub, MqttPublisher(broker.url, thing, min_delay=retry, max_delay=retry))
+
+
 @pytest.mark.device
 def test_broker_absent_at_start_then_started(brokers: Any, subscribers: Any, hub: FrameHub) -> None:
     thing = "cam-late"
     broker = brokers()
-    settings = Settings(iot="mqtt", mqtt=broker.url, thing_name=thing, model="stub", iot_payload="rich")
     # Retries 3 s apart: the subscriber is in place before the publisher's first connection.
-    publisher = MqttPublisher(broker.url, thing, min_delay=3, max_delay=3)
-    out = IotOutput(settings, hub, publisher)
+    out = early_output(hub, broker, thing, retry=3)
     out.start()
     try:
         for seq in range(1, 6):
@@ -670,10 +675,7 @@ def test_a_full_backlog_drops_the_oldest_and_delivers_the_rest_in_order(
         brokers: Any, subscribers: Any, hub: FrameHub) -> None:
     thing = "cam-bounded"
     broker = brokers()
-    settings = Settings(iot="mqtt", mqtt=broker.url, thing_name=thing, model="stub",
-                        iot_payload="rich", iot_queue=5)
-    publisher = MqttPublisher(broker.url, thing, min_delay=2, max_delay=2)
-    out = IotOutput(settings, hub, publisher)
+    out = early_output(hub, broker, thing, retry=2, iot_queue=5)
     out.start()
     try:
         for seq in range(1, 21):

@@ -444,12 +444,17 @@ def _cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="module")
-def bundle(wheelhouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Tuple[Path, str]:
-    out = tmp_path_factory.mktemp("bundle") / "deeplens-dashboard.tar.gz"
-    proc = _cli("package-device", "-o", str(out), "--no-index", "--find-links", str(wheelhouse))
+def _built(command: str, out: Path, wheelhouse: Path) -> Tuple[Path, str]:
+    """``command`` run offline from the test wheelhouse: the package it wrote and its report."""
+    proc = _cli(command, "-o", str(out), "--no-index", "--find-links", str(wheelhouse))
     assert proc.returncode == 0, proc.stderr[-4000:]
     return out, proc.stdout
+
+
+@pytest.fixture(scope="module")
+def bundle(wheelhouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Tuple[Path, str]:
+    return _built("package-device", tmp_path_factory.mktemp("bundle") / "deeplens-dashboard.tar.gz",
+                  wheelhouse)
 
 
 def _members(path: Path) -> Dict[str, tarfile.TarInfo]:
@@ -512,10 +517,8 @@ def test_a_pip_failure_exits_1_with_its_message(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def lambda_zip(wheelhouse: Path, tmp_path_factory: pytest.TempPathFactory) -> Tuple[Path, str]:
-    out = tmp_path_factory.mktemp("lambda") / "deeplens-dashboard-lambda.zip"
-    proc = _cli("package-lambda", "-o", str(out), "--no-index", "--find-links", str(wheelhouse))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return out, proc.stdout
+    return _built("package-lambda",
+                  tmp_path_factory.mktemp("lambda") / "deeplens-dashboard-lambda.zip", wheelhouse)
 
 
 LAMBDA_ABSENT = ("numpy", "cv2", "onnxruntime", "onnx", "awscam", "mo", "skvideo", "tests",
