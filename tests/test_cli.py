@@ -44,7 +44,7 @@ def test_infer_catdog_gives_the_seed_payload(image_file: Path) -> None:
     proc = cli("infer", "--source", str(image_file), "--frames", "1", "--model", "catdog")
     assert proc.returncode == 0, proc.stderr
     payload = json.loads(proc.stdout)["payload"]
-    assert list(payload) == ["cat", "dog"] and payload["cat"] > 0.9
+    assert list(payload) == ["cat", "neither", "dog"] and payload["cat"] > 0.9
 
 
 def test_env_vars_set_options(image_file: Path) -> None:

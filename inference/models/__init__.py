@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 # ImageNet ids of the seed's two classes: all the dog breeds and the domestic cats.
 IMAGENET_DOGS = range(151, 269)
 IMAGENET_CATS = range(281, 286)
+# The seed's ids 0 dog, 1 cat, and what the seed's two-way softmax could not say.
+CATDOG_LABELS = {0: "dog", 1: "cat", 2: "neither"}
 
 
 @functools.lru_cache(maxsize=1)
@@ -87,12 +89,13 @@ def _efficientnet(name: str, settings: Settings, threads: int) -> Model:
         probs = next(iter(raw.values())).reshape(-1)
         dog = float(probs[IMAGENET_DOGS.start : IMAGENET_DOGS.stop].sum())
         cat = float(probs[IMAGENET_CATS.start : IMAGENET_CATS.stop].sum())
-        total = dog + cat or 1.0
-        # The seed's model is a two-way softmax: its two probabilities add up to 1.
-        return parse.classification(np.array([dog / total, cat / total], np.float32))
+        # Not renormalised over dog + cat: that called a coffee cup 99 % "dog", and no threshold
+        # could filter it. The other 995 classes' share is the honest "neither".
+        neither = max(0.0, 1.0 - dog - cat)
+        return parse.classification(np.array([dog, cat, neither], np.float32))
 
     return OnnxModel("catdog", _efficientnet_graph(), "classification",
-                     _labels(settings, {0: "dog", 1: "cat"}), pre, parser=catdog, threads=threads)
+                     _labels(settings, CATDOG_LABELS), pre, parser=catdog, threads=threads)
 
 
 def _centerface(settings: Settings, threads: int) -> Model:

@@ -18,7 +18,8 @@ DEVICE_DEFAULT_LABELS = {0: "dog", 1: "cat"}
 
 BUILTIN: Dict[str, str] = {
     "efficientnet-lite0": "ImageNet-1k classifier (EfficientNet-Lite0, 224x224)",
-    "catdog": "the seed's cat/dog classifier: EfficientNet-Lite0 with its dog and cat classes summed",
+    "catdog": "the seed's cat/dog classifier: EfficientNet-Lite0's dog and cat classes summed, "
+              "and 'neither' for the rest",
     "centerface": "face detector (CenterFace), ssd results with {1: 'face'}",
 }
 BUILTIN_TYPES: Dict[str, str] = {
