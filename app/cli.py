@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, NoReturn, Optional, Tuple
 
 from inference.sources.awscam import preload_awscam
 
@@ -43,33 +43,56 @@ class UsageError(Exception):
     """A setting that cannot work, found at start; the message starts with the option."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with a short usage error: the full usage block of ~50 options buried the one
+    line that matters, so an error is that line and where to find the options."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n"
+                  f"(the options: {self.prog} --help)\n")
+
+
 # -- the command line ----------------------------------------------------------------------------
+DESCRIPTION = """\
+Camera inference with a live dashboard, the DeepLens project-stream FIFO and IoT
+results. With no command it serves the dashboard (on 0.0.0.0:8080 by default)
+with the options below."""
+COMMANDS_HELP = """commands:
+  serve           run the loop and serve the dashboard (the default; the options above)
+  infer           run headless and print one JSON line per frame or image
+  package-lambda  build the Greengrass Lambda deployment zip
+  package-device  build the offline install bundle (tar.gz) for a device
+'deeplens-dashboard COMMAND --help' shows a command's options."""
+
+
 def _parsers() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentParser]]:
-    top = argparse.ArgumentParser(
-        prog="deeplens-dashboard", allow_abbrev=False,
-        description="Camera inference with a live dashboard, the DeepLens project-stream FIFO and "
-        "IoT results. With no command it serves the dashboard on 0.0.0.0:8080.",
-    )
-    sub = top.add_subparsers(dest="command", metavar="COMMAND")
-    serve = sub.add_parser("serve", allow_abbrev=False,
+    top = Parser(prog="deeplens-dashboard", allow_abbrev=False, description=DESCRIPTION)
+    sub = top.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    # `deeplens-dashboard --help` is this parser's help: the default command's options, which
+    # are what a user looks for, and the other commands in the epilog.
+    serve = sub.add_parser("serve", allow_abbrev=False, description=DESCRIPTION, epilog=COMMANDS_HELP,
+                           usage="deeplens-dashboard [serve] [OPTIONS]",
+                           formatter_class=argparse.RawDescriptionHelpFormatter,
                            help="run the loop and serve the dashboard (the default)")
     add_settings_arguments(serve, GROUPS)
     infer = sub.add_parser(
         "infer", allow_abbrev=False, help="run the loop headless and print one JSON line per frame",
+        usage="deeplens-dashboard infer [OPTIONS]",
         description="Run the loop without a server; print one JSON line per frame: the seed's "
         "{label: prob} payload and the full result.")
     infer.add_argument("--frames", type=_positive_int, default=10,
                        help="frames to process before exiting (default 10)")
     add_settings_arguments(infer, ("pipeline",))
     package = sub.add_parser(
-        "package-lambda", allow_abbrev=False, help="build the Greengrass Lambda deployment zip",
+        "package-lambda", allow_abbrev=False, usage="deeplens-dashboard package-lambda -o FILE [OPTIONS]",
+        help="build the Greengrass Lambda deployment zip",
         description="Build the Greengrass Lambda zip (handler lambda_main.lambda_handler) from "
         "wheels downloaded for the device's Python; numpy, OpenCV and the off-device models are "
         "left out.")
     package.add_argument("-o", "--output", required=True, help="zip file to write")
     _add_target_arguments(package)
     device = sub.add_parser(
-        "package-device", allow_abbrev=False,
+        "package-device", allow_abbrev=False, usage="deeplens-dashboard package-device -o FILE [OPTIONS]",
         help="build the offline install bundle (tar.gz) for a device",
         description="Build a self-contained tar.gz: the wheels of this product and its dependencies "
         "for the device's Python, install.sh, a systemd unit and an example config. On the device: "
@@ -111,10 +134,32 @@ def add_settings_arguments(parser: argparse.ArgumentParser, groups: Sequence[str
             metavar = field_metavar(name) or ("{" + ",".join(choices) + "}" if choices else None)
             default = defaults[name]
             shown = "" if default in ("", None, {}) else f" [default: {_show(default)}]"
+            bounds = field_range(name)
+            limits = f"; {metavar or 'value'}: {bounds}" if bounds else ""
             group.add_argument(
                 "--" + name.replace("_", "-"), dest=name, default=None, metavar=metavar,
-                help=f"{info.description}{shown} (env {ENV_PREFIX}{name.upper()})".replace("%", "%%"),
+                help=f"{info.description}{limits}{shown} (env {ENV_PREFIX}{name.upper()})"
+                .replace("%", "%%"),
             )
+
+
+def field_range(name: str) -> str:
+    """The numeric bounds of a setting in words (``1 to 1000``), or '' when it has none."""
+    low = high = ""
+    for item in Settings.model_fields[name].metadata:
+        for attr, form in (("ge", "{}"), ("gt", "more than {}")):
+            if getattr(item, attr, None) is not None:
+                low = form.format(_number(getattr(item, attr)))
+        for attr, form in (("le", "{}"), ("lt", "less than {}")):
+            if getattr(item, attr, None) is not None:
+                high = form.format(_number(getattr(item, attr)))
+    if low and high:
+        return f"{low} to {high}" if not low.startswith("more") else f"{low}, at most {high}"
+    return f"at least {low}" if low else (f"at most {high}" if high else "")
+
+
+def _number(value: Any) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
 
 
 def _show(value: Any) -> str:
@@ -155,10 +200,12 @@ def setup_logging(level: str = "info") -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     top, commands = _parsers()
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if not args_list or (args_list[0] not in COMMANDS and args_list[0] not in ("-h", "--help")):
+    if not args_list or args_list[0] not in COMMANDS:
         args_list.insert(0, "serve")
-    args = top.parse_args(args_list)
+    args, unknown = top.parse_known_args(args_list)
     parser = commands[args.command]
+    if unknown:  # named by the command's parser, so the hint points at that command's --help
+        parser.error("unrecognized arguments: " + " ".join(unknown))
     if args.command in ("package-lambda", "package-device"):
         from app import package
 

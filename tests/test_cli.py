@@ -167,3 +167,33 @@ def test_detectors_default_to_the_samples_threshold(tmp_path: Path) -> None:
     proc = cli("infer", "--frames", "1", "--source", str(photo), "--model", "centerface",
                "--threshold", "0")
     assert json.loads(proc.stdout)["result"]["threshold"] == 0.0
+
+
+def test_top_level_help_shows_the_default_commands_options_with_their_ranges() -> None:
+    proc = cli("--help")
+    assert proc.returncode == 0, proc.stderr
+    out = " ".join(proc.stdout.split())  # argparse wraps to the terminal width
+    assert out.startswith("usage: deeplens-dashboard [serve] [OPTIONS]")
+    for flag in ("--source SOURCE", "--top-k K", "--port PORT", "--iot {auto,greengrass,mqtt,log,off}"):
+        assert flag in out, flag
+    assert "K: 1 to 1000" in out and "P: 0 to 1" in out and "PORT: 1 to 65535" in out
+    assert "SECONDS: more than 0, at most 86400" in out
+    for command in ("infer", "package-lambda", "package-device"):
+        assert command in out, command
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--prot", "18090"], "unrecognized arguments: --prot 18090"),  # no abbreviation of --protect-views
+        (["--top-k", "x"], "--top-k"),
+        (["infer", "--bogus"], "deeplens-dashboard infer: error: unrecognized arguments: --bogus"),
+        (["package-lambda"], "-o/--output"),
+    ],
+)
+def test_a_usage_error_is_one_line_and_where_the_options_are(args: list[str], needle: str) -> None:
+    proc = cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 2 and needle in lines[0], proc.stderr
+    assert lines[1].startswith("(the options: deeplens-dashboard") and lines[1].endswith("--help)")
