@@ -7,16 +7,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import jinja2
 from fastapi import FastAPI, Request, Response
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
+from starlette.responses import StreamingResponse
+from starlette.routing import BaseRoute, Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.broadcast import Broadcaster
 from app.limits import BodyLimit
@@ -69,8 +73,55 @@ def create_app(service: Service, token: Optional[str] = None) -> FastAPI:
     app.include_router(health.router)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.add_middleware(BodyLimit)
+    app.add_middleware(HeadAsGet)
     app.add_exception_handler(HTTPException, _body_not_text)
     return app
+
+
+def _get_routes(routes: Iterable[BaseRoute]) -> Iterator[APIRoute]:
+    """Every GET route whose answer ends (not a stream), into included routers too (FastAPI
+    >= 0.16x keeps an included router as a route of its own; older ones flatten it)."""
+    for route in routes:
+        if isinstance(route, APIRoute) and "GET" in route.methods:
+            response_class = route.response_class
+            if not (isinstance(response_class, type) and issubclass(response_class, StreamingResponse)):
+                yield route
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from _get_routes(inner.routes)
+
+
+class HeadAsGet:
+    """HEAD on any GET endpoint that is not a stream: the GET's status and headers, no body.
+
+    FastAPI's routes answer only the methods they declare (405 to HEAD), and declaring HEAD on
+    each would double every operation in /openapi.json; uptime monitors use HEAD. A stream has
+    no end to take headers from, so its HEAD stays a 405. Routes that take HEAD themselves
+    (Starlette's: /docs, /openapi.json, /static) are left to it."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._routes: Optional[List[APIRoute]] = None  # the app's routes are final by the first HEAD
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "HEAD":
+            await self.app(scope, receive, send)
+            return
+        if self._routes is None:
+            self._routes = list(_get_routes(getattr(scope.get("app"), "routes", ())))
+        as_get = {**scope, "method": "GET"}
+        if not any(r.matches(as_get)[0] is Match.FULL for r in self._routes):
+            await self.app(scope, receive, send)
+            return
+
+        async def without_body(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                if message.get("more_body", False):
+                    return
+                message = {"type": "http.response.body", "body": b"", "more_body": False}
+            await send(message)
+
+        await self.app(as_get, receive, without_body)
 
 
 async def _body_not_text(request: Request, exc: Exception) -> Response:

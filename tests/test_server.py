@@ -492,3 +492,36 @@ def test_tls_serves_https_and_marks_the_cookie_secure(tmp_path: Path) -> None:
         with httpx.Client(base_url=srv.url.replace("https", "http"), timeout=10) as plain:
             with pytest.raises(httpx.HTTPError):
                 plain.get("/health")
+
+
+STREAMS = {"/stream.mjpg", "/results/events"}
+
+
+def test_head_is_answered_on_every_get_endpoint_that_is_not_a_stream() -> None:
+    """Uptime monitors use HEAD: 200, the GET's headers, no body (streams excepted)."""
+    from starlette.routing import Route
+
+    def walk(routes: list[Any]) -> Iterator[Route]:
+        for route in routes:
+            if isinstance(route, Route):
+                yield route
+            yield from walk(getattr(getattr(route, "original_router", None), "routes", []))
+
+    with running_server() as srv, srv.client() as client:
+        srv.wait_frames(1)
+        app = srv.thread.server.app
+        paths = sorted(r.path for r in walk(app.routes)
+                       if "GET" in (r.methods or ()) and r.path not in STREAMS and "{" not in r.path)
+        assert {"/", "/health", "/snapshot.jpg", "/results", "/metrics", "/api/stats",
+                "/api/config", "/api/iot/messages", "/docs", "/openapi.json"} <= set(paths)
+        for path in paths + ["/static/" + os.listdir(ROOT / "app" / "static")[0]]:
+            get = client.get(path)
+            head = client.head(path)
+            assert (head.status_code, get.status_code) == (200, 200), (path, head.status_code)
+            assert head.content == b"", path
+            assert head.headers["content-type"] == get.headers["content-type"], path
+            assert set(head.headers) == set(get.headers), path
+            if path in ("/openapi.json", "/docs", "/api/config"):  # a stable body
+                assert head.headers["content-length"] == get.headers["content-length"], path
+        # A stream still answers GET only; a POST-only route still says 405 to HEAD.
+        assert client.head("/api/pipeline/stop").status_code == 405
