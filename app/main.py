@@ -82,7 +82,7 @@ def _get_routes(routes: Iterable[BaseRoute]) -> Iterator[APIRoute]:
     """Every GET route whose answer ends (not a stream), into included routers too (FastAPI
     >= 0.16x keeps an included router as a route of its own; older ones flatten it)."""
     for route in routes:
-        if isinstance(route, APIRoute) and "GET" in route.methods:
+        if isinstance(route, APIRoute) and "GET" in (route.methods or ()):
             response_class = route.response_class
             if not (isinstance(response_class, type) and issubclass(response_class, StreamingResponse)):
                 yield route
