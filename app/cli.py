@@ -24,6 +24,7 @@ preload_awscam()  # before any import of cv2 (the device's cv2 needs awscam load
 
 from typing_extensions import get_args  # noqa: E402
 
+from app.nativelog import NativeStderr  # noqa: E402
 from inference.settings import (  # noqa: E402
     ENV_PREFIX,
     GROUPS,
@@ -216,14 +217,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         setup_logging()
         build = package.build_lambda_zip if args.command == "package-lambda" else package.build_device_bundle
         return build(args.output, target, args.find_links, args.no_index)
+    native = NativeStderr()
     try:
         settings = settings_from(args)
         setup_logging(settings.log_level)
+        native.start()
         if args.command == "infer":
             return run_infer(settings, args.frames)
         return run_serve(settings)
     except (ConfigError, UsageError) as exc:
         parser.error(str(exc))  # exits with 2, as argparse does for its own errors
+    finally:
+        native.stop()
     return EXIT_USAGE  # not reached: parser.error exits
 
 
