@@ -525,3 +525,47 @@ def test_head_is_answered_on_every_get_endpoint_that_is_not_a_stream() -> None:
                 assert head.headers["content-length"] == get.headers["content-length"], path
         # A stream still answers GET only; a POST-only route still says 405 to HEAD.
         assert client.head("/api/pipeline/stop").status_code == 405
+
+
+def test_metrics_has_process_iot_fifo_and_model_info(tmp_path: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from inference.outputs.fifo import FifoWriter
+
+    settings = server_settings(iot_max_rate=0)
+    service = Service(settings, model_factory=fake_model_factory)
+    iot = IotOutput(settings, service.hub, NullPublisher(), thing="x")
+    fifo = FifoWriter(str(tmp_path / "results.mjpeg"), service.hub)
+    service.add_output(iot)
+    service.add_output(fifo)
+    with serve_runtime(service) as srv, srv.client() as client:
+        srv.wait_frames(3)
+        deadline = time.monotonic() + 20
+        while iot.sent < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+
+    def value(name: str, **labels: str) -> float:
+        family = families[name]
+        for sample in family.samples:
+            if sample.labels == labels and sample.name in (name, name + "_total"):
+                return float(sample.value)
+        raise AssertionError(f"no {name}{labels} in {family.samples}")
+
+    assert value("process_cpu_seconds") > 0
+    assert value("process_resident_memory_bytes") > 10e6
+    assert value("deeplens_iot_messages_sent") >= 2
+    assert value("deeplens_iot_messages_dropped", reason="queue") == 0
+    assert value("deeplens_iot_messages_dropped", reason="backlog") == 0
+    assert value("deeplens_iot_messages_skipped", reason="rate") == 0
+    assert value("deeplens_iot_backlog") == 0
+    assert value("deeplens_iot_publish_errors") == 0
+    assert value("deeplens_fifo_frames_written") == 0  # no reader
+    assert value("deeplens_fifo_frames_dropped") == 0
+    assert value("deeplens_fifo_bytes_written") == 0
+    assert value("deeplens_fifo_reader_connected") == 0
+    assert value("deeplens_fifo_readers") == 0
+    info = families["deeplens_model_info"].samples[0]
+    assert info.name == "deeplens_model_info" and info.value == 1.0
+    assert info.labels["name"] == "fake" and info.labels["type"] == "classification"
+    assert info.labels["backend"] == "fake"

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, ProcessCollector, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 
 from app.broadcast import Broadcaster
 from app.deps import ServiceDep, ViewDep
@@ -193,11 +193,65 @@ class DashboardCollector:
                 ok = False
             healthy.add_metric([output.name], 1.0 if ok else 0.0)
         yield healthy
+        model = loop.model
+        if model is not None:
+            info = model.info
+            yield InfoMetricFamily("deeplens_model", "The model the loop runs", value={
+                "name": info.name, "type": info.type, "backend": info.backend,
+                "input_size": f"{info.input_width}x{info.input_height}"})
+        yield from self._iot()
+        yield from self._fifo()
+
+    def _iot(self) -> Iterator[Metric]:
+        iot = self.service.iot
+        if iot is None:
+            return
+        stats = iot.stats()
+        yield CounterMetricFamily("deeplens_iot_messages_sent", "IoT messages handed to the publisher",
+                                  stats["sent"])
+        dropped = CounterMetricFamily(
+            "deeplens_iot_messages_dropped", "IoT messages lost: queue = the publisher thread fell "
+            "behind the loop, backlog = the broker was away longer than --iot-queue",
+            labels=["reason"])
+        dropped.add_metric(["queue"], stats["dropped_queue"])
+        dropped.add_metric(["backlog"], stats["dropped_backlog"])
+        yield dropped
+        skipped = CounterMetricFamily(
+            "deeplens_iot_messages_skipped", "Inferences not published by choice (--iot-max-rate, "
+            "--iot-on-change, nothing above the threshold)", labels=["reason"])
+        for reason in ("rate", "unchanged", "empty"):
+            skipped.add_metric([reason], stats.get(f"skipped_{reason}", 0))
+        yield skipped
+        yield GaugeMetricFamily("deeplens_iot_backlog", "IoT messages waiting for the broker",
+                                stats["backlog"])
+        yield CounterMetricFamily("deeplens_iot_publish_errors", "IoT publishes that failed",
+                                  stats["errors"])
+        yield GaugeMetricFamily("deeplens_iot_connected", "1 while the publisher can send",
+                                1.0 if stats["connected"] else 0.0)
+
+    def _fifo(self) -> Iterator[Metric]:
+        fifo = self.service.fifo
+        if fifo is None:
+            return
+        stats = fifo.stats()
+        for key, help_text in (
+            ("frames_written", "Frames written whole to the project-stream FIFO"),
+            ("frames_dropped", "Frames not written because the FIFO reader was behind"),
+            ("bytes_written", "Bytes written to the project-stream FIFO"),
+            ("readers", "FIFO readers served since start"),
+            ("errors", "FIFO writer errors"),
+        ):
+            yield CounterMetricFamily(f"deeplens_fifo_{key}", help_text, stats[key])
+        yield GaugeMetricFamily("deeplens_fifo_reader_connected", "1 while a reader has the FIFO open",
+                                1.0 if stats["reader"] else 0.0)
 
 
 def make_registry(service: Service, app_state: Any) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(DashboardCollector(service, app_state))
+    # process_cpu_seconds_total, process_resident_memory_bytes, open fds (Linux /proc; elsewhere
+    # it yields nothing)
+    ProcessCollector(registry=registry)
     return registry
 
 
