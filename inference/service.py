@@ -171,11 +171,11 @@ class Service:
         nothing changes) when one cannot be used."""
         with self._lock:
             new = self._settings.changed(changes)
-            model, source = self._load_beside(new, changes)
+            model, source, opened = self._load_beside(new, changes)
             self.hub.jpeg_quality = new.jpeg_quality
             self._settings = new
             self.loop.settings = new  # before the swap: a new model never runs on old settings
-            self.loop.swap(model=model, source=source)
+            self.loop.swap(model=model, source=source, source_open=opened)
             if model is not None:
                 log.info("model switched to %s", model.info.name)
             if source is not None:
@@ -185,11 +185,17 @@ class Service:
             return new
 
     def _load_beside(self, new: Settings, changes: Mapping[str, Any]
-                     ) -> Tuple[Optional[Model], Optional[FrameSource]]:
-        """The new model and the new (opened) source ``changes`` ask for, or None each; either
-        fails and nothing is kept."""
+                     ) -> Tuple[Optional[Model], Optional[FrameSource], bool]:
+        """The new model and the new source ``changes`` ask for, or None each, and whether the
+        source is open; either fails and nothing is kept.
+
+        A file or images are opened here, so one that cannot be read is refused as at start. A
+        camera or stream is not: as at start, one that is down is taken and retried by the loop
+        (with NO SIGNAL meanwhile), and a slow one (RTSP takes seconds) never holds the request
+        and the control lock while it connects."""
         model: Optional[Model] = None
         source: Optional[FrameSource] = None
+        opened = True
         # Their threads (a model's pool, a source's decoders) must not inherit the calling
         # serving thread's CPUs.
         with unconfined():
@@ -198,11 +204,14 @@ class Service:
             if "source" in changes and new.source != self._settings.source:
                 try:
                     source = self._source_factory(new)
-                    source.open()
+                    if getattr(source, "live", False):
+                        opened = False
+                    else:
+                        source.open()
                 except Exception:
                     if source is not None:
                         source.close()
                     if model is not None:
                         model.close()
                     raise
-        return model, source
+        return model, source, opened

@@ -66,6 +66,7 @@ class InferenceLoop(Worker):
         self._swap_lock = threading.Lock()
         self._new_model: Optional[Model] = None
         self._new_source: Optional[FrameSource] = None
+        self._new_source_open = True
         self._seq = 0
         self._rl = RateLimitedLog(log)
         self._last_display_size = NO_SIGNAL_SIZE
@@ -94,14 +95,17 @@ class InferenceLoop(Worker):
         super().signal_stop()
         self._running.set()  # wake a paused loop so it sees the stop
 
-    def swap(self, model: Optional[Model] = None, source: Optional[FrameSource] = None) -> None:
-        """Use ``model`` and/or ``source`` (open) from the next frame on; the ones they replace
-        are closed by the loop. A stopped loop takes them at once."""
+    def swap(self, model: Optional[Model] = None, source: Optional[FrameSource] = None,
+             source_open: bool = True) -> None:
+        """Use ``model`` and/or ``source`` from the next frame on; the ones they replace are
+        closed by the loop. A source not yet open (``source_open=False``: a camera or stream) is
+        opened by the loop, with its retries. A stopped loop takes them at once."""
         with self._swap_lock:
             if model is not None:
                 self._new_model = model
             if source is not None:
                 old, self._new_source = self._new_source, source
+                self._new_source_open = source_open
                 if old is not None:
                     old.close()
         if not self.alive:
@@ -111,13 +115,14 @@ class InferenceLoop(Worker):
         with self._swap_lock:
             model, self._new_model = self._new_model, None
             source, self._new_source = self._new_source, None
+            source_open = self._new_source_open
         if model is not None:
             old_model, self.model = self.model, model
             self.stats.model_load_error = None
             if old_model is not None and old_model is not model:
                 old_model.close()
         if source is not None:
-            self.capture.replace(source)
+            self.capture.replace(source, opened=source_open)
 
     def close(self) -> None:
         """Release the source, and one handed over but not taken (the loop must be stopped)."""

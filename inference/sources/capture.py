@@ -79,11 +79,12 @@ class Capture:
         except Exception:
             return False
 
-    def replace(self, source: FrameSource) -> None:
-        """Read from ``source`` (already open) from now on; the old one is closed."""
+    def replace(self, source: FrameSource, opened: bool = True) -> None:
+        """Read from ``source`` from now on (opened at the next read unless ``opened``); the old
+        one is closed."""
         self.close()
         self.source = source
-        self._open = True
+        self._open = opened
         self.consecutive_failures = 0
         self.last_error = None
 
