@@ -47,6 +47,24 @@ def test_infer_catdog_gives_the_seed_payload(image_file: Path) -> None:
     assert list(payload) == ["cat", "neither", "dog"] and payload["cat"] > 0.9
 
 
+@pytest.mark.parametrize("spec", ["synthetic@30", "synthetic:320x240@30", "synthetic:320x240",
+                                  "synthetic"])
+def test_infer_takes_every_documented_synthetic_spec(spec: str) -> None:
+    proc = cli("infer", "--source", spec, "--frames", "1", "--top-k", "1")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)["result"]
+    assert result["error"] is None
+    assert result["frame_size"] == ([320, 240] if ":" in spec else [1280, 720])
+
+
+@pytest.mark.parametrize("spec", ["synthetic@", "synthetic:320", "synthetic:8x8", "synthetic@x"])
+def test_infer_refuses_a_bad_synthetic_spec_naming_source(spec: str) -> None:
+    proc = cli("infer", "--source", spec, "--frames", "1")
+    assert proc.returncode == 2, proc.stderr
+    assert "--source" in proc.stderr and spec in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
 def test_env_vars_set_options(image_file: Path) -> None:
     proc = cli("infer", "--frames", "1",
                env={"DEEPLENS_SOURCE": str(image_file), "DEEPLENS_TOP_K": "1"})

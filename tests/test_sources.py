@@ -14,7 +14,7 @@ from inference.sources import SourceSpecError, make_source
 from inference.sources.images import ImagesSource
 from inference.sources.synthetic import SyntheticSource
 from inference.sources.video import VideoSource, demo_clip
-from inference.types import FrameSource
+from inference.types import FrameSource, SourceError
 
 
 def test_synthetic_is_deterministic_and_numbered() -> None:
@@ -29,6 +29,35 @@ def test_synthetic_is_deterministic_and_numbered() -> None:
         assert fa.shape == (180, 320, 3) and fa.dtype == np.uint8
         assert np.array_equal(fa, fb)
     assert not np.array_equal(frames_a[0], frames_a[1])  # the pattern moves
+
+
+@pytest.mark.parametrize(
+    ("spec", "size", "fps"),
+    [
+        ("synthetic", (1280, 720), 30.0),
+        ("synthetic@30", (1280, 720), 30.0),
+        ("synthetic@12.5", (1280, 720), 12.5),
+        ("synthetic:320x240", (320, 240), 30.0),
+        ("synthetic:320x240@30", (320, 240), 30.0),
+        (" synthetic:64x48@0 ", (64, 48), 0.0),
+    ],
+)
+def test_every_documented_synthetic_spec_works(spec: str, size: tuple[int, int], fps: float) -> None:
+    # The README documents synthetic[:WxH][@FPS]: "synthetic@30" once fell through to a path.
+    source = make_source(spec)
+    assert isinstance(source, SyntheticSource)
+    assert (source.width, source.height, source.fps) == (*size, fps)
+    source.open()
+    frame = source.read()
+    assert frame is not None and frame.shape == (size[1], size[0], 3)
+
+
+@pytest.mark.parametrize("spec", ["synthetic@", "synthetic@fast", "synthetic:320", "synthetic:320x",
+                                  "synthetic:8x8", "synthetic:320x240@", "synthetic@30:320x240",
+                                  "synthetic:", "synthetic-hd"])
+def test_bad_synthetic_specs_are_refused(spec: str) -> None:
+    with pytest.raises((SourceSpecError, SourceError), match="synthetic"):
+        make_source(spec)
 
 
 def test_demo_is_the_bundled_bikes_clip() -> None:

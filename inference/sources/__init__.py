@@ -40,7 +40,7 @@ def make_source(spec: str, fps: float | None = None, interval: float = 3.0) -> F
         from inference.sources.video import demo_source
 
         return demo_source(fps=fps)
-    if spec == "synthetic" or spec.startswith("synthetic:"):
+    if spec == "synthetic" or spec.startswith(("synthetic:", "synthetic@")):
         from inference.sources.synthetic import SyntheticSource
 
         return SyntheticSource.from_spec(spec, fps=fps)

@@ -44,7 +44,10 @@ class SyntheticSource:
         width = int(match.group(1) or 1280)
         height = int(match.group(2) or 720)
         rate = float(match.group(3)) if match.group(3) else 30.0
-        return cls(width, height, rate if fps is None else fps)
+        try:
+            return cls(width, height, rate if fps is None else fps)
+        except SourceError as exc:
+            raise SourceError(f"bad synthetic source {spec!r}: {exc}") from None
 
     def open(self) -> None:
         self._stop = threading.Event()
