@@ -10,11 +10,12 @@ import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import jinja2
 from fastapi import FastAPI, Request, Response
 from fastapi.exception_handlers import http_exception_handler
+from fastapi.responses import RedirectResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
@@ -55,7 +56,7 @@ def create_app(service: Service, token: Optional[str] = None) -> FastAPI:
             broadcaster.close()
             broadcaster.detach(time.monotonic() + STOP_SECONDS)
 
-    app = FastAPI(
+    app = _fastapi(
         title="DeepLens dashboard",
         version=package_version("deeplens-dashboard"),
         description="Live camera inference: MJPEG stream, results, control. Mutating endpoints "
@@ -75,6 +76,28 @@ def create_app(service: Service, token: Optional[str] = None) -> FastAPI:
     app.add_middleware(BodyLimit)
     app.add_middleware(HeadAsGet)
     app.add_exception_handler(HTTPException, _body_not_text)
+    return app
+
+
+DOCS_ASSETS = "/docs-assets"
+
+
+def _fastapi(**kwargs: Any) -> FastAPI:
+    """The app, with /docs (Swagger UI) and /redoc served from assets installed with the product:
+    FastAPI's own pages load them and their fonts from CDNs, blank on a device without internet."""
+    try:
+        from fastapi_offline import FastAPIOffline
+    except ImportError:  # an install without it still serves everything but the docs' looks
+        log.warning("fastapi-offline is not installed: /docs and /redoc need internet access")
+        return FastAPI(**kwargs)
+    app = FastAPIOffline(static_url=DOCS_ASSETS, redoc_url=None, **kwargs)
+
+    # One docs page: ReDoc's bundle fetches its footer logo from its vendor's CDN on every view
+    # (a request off the device, failing offline), and Swagger UI also lets one try the API.
+    @app.get("/redoc", include_in_schema=False)
+    async def redoc(request: Request) -> RedirectResponse:
+        return RedirectResponse(f"{request.scope.get('root_path', '')}/docs")
+
     return app
 
 

@@ -517,9 +517,10 @@ def test_head_is_answered_on_every_get_endpoint_that_is_not_a_stream() -> None:
         for path in paths + ["/static/" + os.listdir(ROOT / "app" / "static")[0]]:
             get = client.get(path)
             head = client.head(path)
-            assert (head.status_code, get.status_code) == (200, 200), (path, head.status_code)
+            expected = 307 if path == "/redoc" else 200  # to /docs
+            assert (head.status_code, get.status_code) == (expected, expected), (path, head.status_code)
             assert head.content == b"", path
-            assert head.headers["content-type"] == get.headers["content-type"], path
+            assert head.headers.get("content-type") == get.headers.get("content-type"), path
             assert set(head.headers) == set(get.headers), path
             if path in ("/openapi.json", "/docs", "/api/config"):  # a stable body
                 assert head.headers["content-length"] == get.headers["content-length"], path
