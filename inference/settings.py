@@ -320,8 +320,12 @@ class Settings(BaseModel):
     iot_payload: Literal["seed", "rich"] = opt(
         "seed", "seed = {label: prob} as the original Lambda; rich = seq, timestamp, model and "
         "full results", group="outputs", live=True)
-    iot_max_rate: float = opt(0.0, "messages per second at most (0 = one per inference, as the "
-                              "seed)", group="outputs", live=True, metavar="PER_S", ge=0, le=1000)
+    iot_max_rate: float = opt(1.0, "results published per second at most, the newest going out "
+                              "within 1/N s (0 = one per inference, as the seed)", group="outputs",
+                              live=True, metavar="PER_S", ge=0, le=1000)
+    iot_send_empty: bool = opt(False, "also publish {} when no result passes --threshold (a "
+                               "heartbeat at --iot-max-rate); off: nothing is sent then",
+                               group="outputs", live=True, metavar="on|off")
     iot_on_change: bool = opt(False, "publish only when the payload's labels change",
                               group="outputs", live=True, metavar="on|off")
 

@@ -117,7 +117,8 @@ def make_output(hub: FrameHub) -> Iterator[Callable[..., IotOutput]]:
     made: list[IotOutput] = []
 
     def make(publisher: Any, **settings: Any) -> IotOutput:
-        kw: dict[str, Any] = {"thing_name": "cam1", "model": "stub"}
+        # iot_max_rate 0: the seed's one message per inference, which these tests count
+        kw: dict[str, Any] = {"thing_name": "cam1", "model": "stub", "iot_max_rate": 0}
         kw.update(settings)
         clock = kw.pop("clock", time.monotonic)
         out = IotOutput(Settings(**kw), hub, publisher, clock=clock)
@@ -173,14 +174,37 @@ def test_rich_payload_is_the_full_result(make_output: Any, recorder: Recorder, h
     assert body["results"][0]["box"] == {"xmin": 1, "ymin": 2, "xmax": 3, "ymax": 4}
 
 
-def test_rate_limit(make_output: Any, recorder: Recorder, hub: FrameHub) -> None:
-    ticks = iter(i * 0.25 for i in range(1, 1000))
-    out = make_output(recorder, iot_max_rate=1.0, clock=lambda: next(ticks))
-    for seq in range(1, 21):  # 20 inferences, 0.25 s apart on the output's clock
-        hub.publish(IMAGE, result(seq))
-    assert wait_for(lambda: out.stats()["sent"] + out.stats()["skipped_rate"] == 2 + 20)
-    assert len(recorder.payloads()) == 5  # t = 0.25, 1.25, 2.25, 3.25, 4.25
-    assert out.stats()["skipped_rate"] == 15
+class Clock:
+    """The output's clock, moved by the test: the rate limit without timing."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def publish_at(out: IotOutput, hub: FrameHub, clock: Clock, at: float, r: Result) -> None:
+    """``r`` published at ``at`` on the output's clock, and made into messages at that time."""
+    clock.now = 1000.0 + at
+    hub.publish(IMAGE, r)
+    assert wait_for(lambda: drained(out) and out.stats()["composed"] >= r.seq), out.stats()
+
+
+def test_rate_limit_sends_the_newest_within_the_interval(make_output: Any, recorder: Recorder,
+                                                         hub: FrameHub) -> None:
+    clock = Clock()
+    out = make_output(recorder, iot_max_rate=1.0, iot_payload="rich", clock=clock)
+    for seq in range(1, 11):  # 0.0 .. 0.9 s: the first goes out, the rest wait for the next second
+        publish_at(out, hub, clock, (seq - 1) / 10, result(seq))
+    assert [json.loads(p)["seq"] for p in recorder.payloads()] == [1]
+    clock.now = 1001.0  # no new inference (paused): the newest waiting one still goes out
+    assert wait_for(lambda: len(recorder.payloads()) == 2)
+    assert json.loads(recorder.payloads()[1])["seq"] == 10
+    assert out.stats()["skipped_rate"] == 8  # 2..9, replaced by a newer one before their turn
+    publish_at(out, hub, clock, 2.5, result(11))  # its turn has come: at once
+    assert wait_for(lambda: len(recorder.payloads()) == 3)
+    assert [json.loads(p)["seq"] for p in recorder.payloads()] == [1, 10, 11]
 
 
 def test_publish_on_change(make_output: Any, recorder: Recorder, hub: FrameHub) -> None:
@@ -511,6 +535,7 @@ def subscribers() -> Iterator[Callable[..., Subscriber]]:
 
 
 def mqtt_output(hub: FrameHub, url: str, thing: str, **kw: Any) -> IotOutput:
+    kw.setdefault("iot_max_rate", 0)
     settings = Settings(iot="mqtt", mqtt=url, thing_name=thing, model="stub", **kw)
     return IotOutput(settings, hub, make_publisher(settings, thing))
 
@@ -556,6 +581,7 @@ def rich_seqs(payloads: list[bytes]) -> list[int]:
 
 def early_output(hub: FrameHub, broker: Broker, thing: str, retry: int, **settings: Any) -> IotOutput:
     """A rich-payload MQTT output to ``broker`` before it is up, retrying every ``retry`` s."""
+    settings.setdefault("iot_max_rate", 0)
     return IotOutput(Settings(iot="mqtt", mqtt=broker.url, thing_name=thing, model="stub",
                               iot_payload="rich", **settings),
                      hub, MqttPublisher(broker.url, thing, min_delay=retry, max_delay=retry))
@@ -588,7 +614,7 @@ def test_broker_absent_at_start_then_started(brokers: Any, subscribers: Any, hub
 
 def outage_service(url: str, thing: str) -> tuple[Service, IotOutput, MqttPublisher]:
     settings = Settings(source="synthetic", iot="mqtt", mqtt=url, thing_name=thing,
-                        model="stub", fifo="off", iot_payload="rich", iot_queue=5000)
+                        model="stub", fifo="off", iot_payload="rich", iot_queue=5000, iot_max_rate=0)
     service = Service(settings, lambda s: SyntheticSource(160, 120, fps=100), lambda s: _StubModel())
     publisher = MqttPublisher(url, thing, min_delay=1, max_delay=1)
     out = IotOutput(settings, service.hub, publisher)
@@ -1041,3 +1067,53 @@ def test_mqtt_options_are_checked_and_the_password_never_shown(monkeypatch: pyte
     assert "pa55" not in shown and "other" not in shown
     assert settings.public()["mqtt"] == "mqtts://cam:***@broker:8883"
     assert settings.mqtt_password == "other"
+
+
+def test_default_is_one_message_a_second_without_empty_ones_on_mosquitto(
+    broker: Broker, subscribers: Any, hub: FrameHub
+) -> None:
+    """The default: at most 1 result a second (not one per frame, ~25/s: a real bill on AWS IoT),
+    the newest one always going out, and no {} when nothing passes the threshold."""
+    assert Settings().iot_max_rate == 1.0 and Settings().iot_send_empty is False
+    thing = "cam-rate"
+    sub = subscribers(broker.port, thing)
+    clock = Clock()
+    settings = Settings(iot="mqtt", mqtt=broker.url, thing_name=thing, model="stub", iot_payload="rich")
+    out = IotOutput(settings, hub, make_publisher(settings, thing), clock=clock)
+    out.start()
+    topic = infer_topic(thing)
+    try:
+        assert wait_for(lambda: out.publisher.status()[0])
+        for seq in range(1, 25):  # most of a second of a 25 fps camera
+            publish_at(out, hub, clock, (seq - 1) * 0.04, result(seq))
+        publish_at(out, hub, clock, 0.96, result(25, items=()))  # nothing above the threshold
+        publish_at(out, hub, clock, 0.98, result(26, items=()))
+        for seq in range(27, 31):
+            publish_at(out, hub, clock, 2.2 + (seq - 27) * 0.04, result(seq))
+    finally:
+        stop(out)  # the newest result, 30, waiting for its turn, goes out at stop
+    assert wait_for(lambda: rich_seqs(sub.on(topic)) == [1, 27, 30]), sub.on(topic)
+    results = [json.loads(p) for p in sub.on(topic) if p.startswith(b"{")]
+    assert all(r["results"] for r in results), "no empty result on the topic"
+    stats = out.stats()
+    # 2..24 held back, then gone (replaced, or nothing passed the threshold after them); 28, 29
+    assert stats["skipped_empty"] == 2 and stats["skipped_rate"] == 23 + 2, stats
+
+
+def test_every_frame_and_empty_messages_are_one_option_away_on_mosquitto(
+    broker: Broker, subscribers: Any, hub: FrameHub
+) -> None:
+    thing = "cam-every"
+    sub = subscribers(broker.port, thing)
+    out = mqtt_output(hub, broker.url, thing, iot_max_rate=0, iot_send_empty=True)
+    out.start()
+    topic = infer_topic(thing)
+    try:
+        assert wait_for(lambda: out.publisher.status()[0])
+        for seq in range(1, 11):
+            hub.publish(IMAGE, result(seq, items=() if seq % 2 else None))
+            assert wait_for(lambda: drained(out))
+        assert wait_for(lambda: len(sub.on(topic)) == 2 + 10), sub.on(topic)
+    finally:
+        stop(out)
+    assert sub.on(topic)[2:] == [b"{}", b'{"cat": 0.75, "dog": 0.25}'] * 5

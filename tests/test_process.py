@@ -133,7 +133,8 @@ STREAMS = ["/stream.mjpg", "/stream.mjpg?res=480p", "/results/events"]
 def test_stop_with_streams_fifo_reader_and_a_pending_iot_queue(tmp_path: Path) -> None:
     fifo = tmp_path / "results.mjpeg"
     settings = Settings(source="synthetic:320x180@100", host="127.0.0.1", port=free_port(), token=TOKEN,
-                        fifo=str(fifo), iot="off", iot_payload="rich", log_level="warning")
+                        fifo=str(fifo), iot="off", iot_payload="rich", log_level="warning",
+                        iot_max_rate=0)  # every result queued: a backlog behind the slow publisher
     service = Service(settings, model_factory=fake_model_factory)
     for output in build_outputs(settings, service.hub):
         service.add_output(output)

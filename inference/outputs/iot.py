@@ -2,7 +2,9 @@
 holding up the loop, and without losing messages to a short broker outage.
 
 Topic ``--iot-topic`` (default the seed's ``$aws/things/<thing>/infer``); payload by default
-exactly the seed's ``json.dumps({label_name: prob, ...})``, one message per inference. The loop
+exactly the seed's ``json.dumps({label_name: prob, ...})``, at most one a second by default
+(``--iot-max-rate``; 0 = one per inference, as the seed) and none when nothing passes the
+threshold (``--iot-send-empty`` for the seed's ``{}``). The loop
 only hands each new hub item to a small queue (a hub listener: O(1), no I/O); the named thread
 ``iot-publisher`` builds the payloads into an outbox and sends them in order. While the broker is
 away the outbox keeps up to ``--iot-queue`` messages (the oldest dropped first, counted) and they
@@ -536,7 +538,12 @@ class Composer:
     """What goes on the topic for each inference and status, as the seed said it: ``{label: prob}``
     (or the rich result), "<model> model loaded" once per model, "Error in ...: <error>" once per
     distinct error and then at most every ERROR_REPEAT_SECONDS; thinned out by --iot-max-rate and
-    --iot-on-change."""
+    --iot-on-change, and nothing (not ``{}``) when no result passes the threshold unless
+    --iot-send-empty.
+
+    The rate limit keeps the newest result it held back (``held``) and sends it once its turn
+    comes (:meth:`due`) or at stop: a subscriber always ends up with the latest result, also
+    when the loop pauses or stops right after a burst."""
 
     def __init__(self, settings: Settings, clock: Callable[[], float]) -> None:
         self._clock = clock
@@ -547,15 +554,21 @@ class Composer:
         self._last_sent = -1e9
         self.skipped_rate = 0
         self.skipped_unchanged = 0
+        self.skipped_empty = 0
+        self.composed_seq = 0  # the last inference looked at
+        self.held: Frame | None = None
 
     def apply(self, settings: Settings) -> None:
         self.payload_mode = settings.iot_payload
         self.max_rate = settings.iot_max_rate
+        self.send_empty = settings.iot_send_empty
         self.on_change = settings.iot_on_change
         self.model_name = settings.model
 
-    def inference(self, item: Frame) -> list[_Message]:
+    def inference(self, item: Frame, force: bool = False) -> list[_Message]:
+        """The messages for ``item``; ``force``: past the rate limit (a held result's turn)."""
         result = item.result
+        self.composed_seq = max(self.composed_seq, item.seq)
         out: list[_Message] = []
         if result.model is not None and result.model.name != self._announced_model:
             self._announced_model = result.model.name
@@ -564,17 +577,39 @@ class Composer:
             # No inference happened (model not loaded, model error, no frame): say so.
             return out + self.error(result.error)
         payload = result.payload()
+        if not payload and not self.send_empty:
+            # An empty {} per frame says nothing a subscriber can use, at the price of a message.
+            self.skipped_empty += 1
+            self._drop_held()  # newer than it: what it showed is gone
+            return out
         labels = frozenset(payload)
         if self.on_change and labels == self._last_labels:
             self.skipped_unchanged += 1
             return out
         now = self._clock()
-        if self.max_rate > 0 and now - self._last_sent < 1.0 / self.max_rate:
-            self.skipped_rate += 1
+        if not force and self.max_rate > 0 and now - self._last_sent < 1.0 / self.max_rate:
+            self._drop_held()
+            self.held = item
             return out
+        self.held = None
         self._last_sent, self._last_labels = now, labels
         body = result.to_json() if self.payload_mode == "rich" else payload
         return out + [_Message(json.dumps(body).encode("utf-8"), False)]
+
+    def _drop_held(self) -> None:
+        if self.held is not None:
+            self.held = None
+            self.skipped_rate += 1
+
+    def due(self, force: bool = False) -> list[_Message]:
+        """The held result's message once its turn has come (``force``: now, at stop)."""
+        item = self.held
+        if item is None:
+            return []
+        if not force and self.max_rate > 0 and self._clock() - self._last_sent < 1.0 / self.max_rate:
+            return []
+        self.held = None
+        return self.inference(item, force=True)
 
     def error(self, error: str) -> list[_Message]:
         now = self._clock()
@@ -702,6 +737,10 @@ class IotOutput(Worker):
             "refused_too_large": self.refused_too_large,
             "skipped_rate": self.composer.skipped_rate,
             "skipped_unchanged": self.composer.skipped_unchanged,
+            "skipped_empty": self.composer.skipped_empty,
+            "send_empty": self.composer.send_empty,
+            "held": self.composer.held is not None,
+            "composed": self.composer.composed_seq,
             "queue": len(self._queue),
             "queue_size": self.queue_size,
             "last_error": self.last_error,
@@ -755,8 +794,8 @@ class IotOutput(Worker):
         while True:
             with self._cond:
                 if not self._queue and not stop.is_set():
-                    # With a backlog, look at the connection again soon; else wait for work.
-                    self._cond.wait(0.1 if self._outbox else 0.5)
+                    # With a backlog or a held result, look again soon; else wait for work.
+                    self._cond.wait(0.1 if self._outbox or self.composer.held else 0.5)
                 if stop.is_set() and time.monotonic() > self._drain_until:
                     return  # out of time: stop() counts what is left
                 jobs = list(self._queue)
@@ -768,6 +807,8 @@ class IotOutput(Worker):
                     self.errors += 1
                     self.last_error = str(exc) or type(exc).__name__
                     log.exception("IoT publisher error")
+            for message in self.composer.due(force=stop.is_set()):
+                self._enqueue(message.payload, message.status)
             trimmed = stop.is_set()
             if trimmed:
                 self._outbox.keep_the_latest_result()
