@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Dict, List, NoReturn, Optional, Tuple
+from typing import Any, Dict, List, NoReturn, Optional, Set, Tuple
 
 from inference.sources.awscam import preload_awscam
 
@@ -81,8 +81,13 @@ def _parsers() -> Tuple[argparse.ArgumentParser, Dict[str, argparse.ArgumentPars
         usage="deeplens-dashboard infer [OPTIONS]",
         description="Run the loop without a server; print one JSON line per frame: the seed's "
         "{label: prob} payload and the full result.")
-    infer.add_argument("--frames", type=_positive_int, default=10,
-                       help="frames to process before exiting (default 10)")
+    infer.add_argument("--frames", type=_positive_int, default=None,
+                       help="frames to process before exiting (default 10; a folder or glob is "
+                       "walked once, file by file, and ends when its files do)")
+    infer.add_argument("--save", metavar="DIR", default=None,
+                       help="write each frame as shown, overlay drawn, as a JPEG into DIR (made if "
+                       "missing), named after its file (NAME.jpg; a video's NAME-FRAME.jpg) or, "
+                       "from a camera, its number (frame-000001.jpg)")
     add_settings_arguments(infer, ("pipeline",))
     package = sub.add_parser(
         "package-lambda", allow_abbrev=False, usage="deeplens-dashboard package-lambda -o FILE [OPTIONS]",
@@ -223,7 +228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         setup_logging(settings.log_level)
         native.start()
         if args.command == "infer":
-            return run_infer(settings, args.frames)
+            return run_infer(settings, args.frames, args.save)
         return run_serve(settings)
     except (ConfigError, UsageError) as exc:
         parser.error(str(exc))  # exits with 2, as argparse does for its own errors
@@ -323,28 +328,123 @@ def run_serve(settings: Settings) -> int:
     return EXIT_OK if server is not None and server.started else EXIT_START
 
 
-def run_infer(settings: Settings, frames: int) -> int:
-    """One JSON line per frame on stdout; 1 when no frame came for 30 s."""
+def run_infer(settings: Settings, frames: Optional[int] = None, save: Optional[str] = None) -> int:
+    """One JSON line per frame on stdout, every frame the loop makes, in order: a folder or glob
+    is walked once, file by file, and ends when its files do; ``frames`` (default 10) is an upper
+    bound. ``save`` writes each frame as shown (overlay drawn) into that folder.
+
+    Exit 0 once a frame was inferred. 1 (EXIT_START, could not start) when none could be: every
+    frame was an error (no camera, a stream down, a model failing on each frame; those results
+    are printed all the same), or no frame came for 30 s. 2 for a ``--save`` folder that cannot
+    be made or written (UsageError, before anything loads)."""
+    import queue
+    import threading
+
+    from inference.pipeline.frames import Frame
+
+    save_dir = _save_dir(save) if save is not None else None
     service = prepared_service(settings, outputs=False)
+    walked = _walk_once(settings)
+    if walked is not None:
+        service.capture.replace(walked, opened=False)
+    limit = frames if frames is not None else (None if walked is not None else 10)
+    # Every published frame, not the newest: an unpaced walk outruns the printing (or saving).
+    # A full queue holds the loop up, which here has nobody else to serve.
+    made: queue.Queue[Frame] = queue.Queue(maxsize=4)
+    done = threading.Event()
+
+    def take(seq: int) -> None:
+        frame = service.hub.latest()
+        while frame is not None and frame.seq == seq and not done.is_set():
+            try:
+                made.put(frame, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    service.hub.add_listener(take)
     service.start()
-    seen = last_seq = 0
+    seen = inferred = 0
+    last_error = ""
     idle = 30.0
+    names: Set[str] = set()
+    last_frame = time.monotonic()
     try:
-        while seen < frames:
-            frame = service.hub.wait_newer(last_seq, timeout=idle)
-            if frame is None:
-                log.error("no frame for %.0f s; giving up", idle)
-                return EXIT_START
-            last_seq = frame.seq
-            line: Dict[str, Any] = {"payload": frame.result.payload(), "result": frame.result.to_json()}
+        while limit is None or seen < limit:
+            try:
+                frame = made.get(timeout=0.1)
+            except queue.Empty:
+                if service.loop.source_ended and made.empty():
+                    break  # every file was read, and every frame of it is in
+                if time.monotonic() - last_frame > idle:
+                    log.error("no frame for %.0f s; giving up", idle)
+                    return EXIT_START
+                continue
+            last_frame = time.monotonic()
+            result = frame.result
+            line: Dict[str, Any] = {"payload": result.payload(), "result": result.to_json()}
+            if save_dir is not None:
+                line["saved"] = _save_frame(save_dir, frame, names)
             sys.stdout.write(json.dumps(line) + "\n")
             sys.stdout.flush()
             seen += 1
+            if result.error is None:
+                inferred += 1
+            else:
+                last_error = result.error
     except KeyboardInterrupt:
         pass
     finally:
+        done.set()
         service.stop()
+    if seen and not inferred:
+        log.error("no frame could be inferred: %d of %d frames failed, the last with: %s",
+                  seen, seen, last_error)
+        return EXIT_START
     return EXIT_OK
+
+
+def _walk_once(settings: Settings) -> Any:
+    """The folder or glob ``settings.source`` names as a walk of its files, or None for any other
+    source (a single image still repeats, so ``--frames`` can time it)."""
+    from inference.sources import default_source, make_source
+    from inference.sources.images import ImagesSource
+
+    source = make_source(settings.source or default_source(), settings.source_fps,
+                         settings.slide_interval, once=True)
+    return source if isinstance(source, ImagesSource) and source.once else None
+
+
+def _save_dir(save: str) -> Path:
+    """``--save DIR``, made if missing; UsageError naming --save when it cannot be used."""
+    path = Path(save).expanduser()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--save: cannot make the folder {save}: {exc.strerror or exc}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"--save: cannot write into {save}")
+    return path
+
+
+def _save_frame(folder: Path, frame: Any, names: Set[str]) -> str:
+    """Write ``frame`` as shown (the overlay drawn as on the stream) into ``folder``; the path."""
+    import cv2
+
+    origin = frame.result.origin
+    if origin is None:
+        stem = f"frame-{frame.seq:06d}"
+    else:
+        stem = Path(origin.name).stem
+        if origin.frame is not None:
+            stem = f"{stem}-{origin.frame:06d}"
+    if stem in names:  # the same file twice (a repeated image, one name in two folders)
+        stem = f"{stem}-{frame.seq:06d}"
+    names.add(stem)
+    path = folder / f"{stem}.jpg"
+    if not cv2.imwrite(str(path), frame.image):
+        raise UsageError(f"--save: cannot write {path}")
+    return str(path)
 
 
 __all__: List[str] = ["EXIT_OK", "EXIT_START", "EXIT_USAGE", "UsageError", "build_parser", "main",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,26 @@ class Item:
 
 
 @dataclass(frozen=True)
+class Origin:
+    """The file a frame came from: an image of a folder or glob, or a video file (with the
+    frame's index in it). Cameras, streams and generated frames have none."""
+
+    name: str
+    path: str
+    frame: int | None = None
+
+    @classmethod
+    def of(cls, path: str, frame: int | None = None) -> Origin:
+        return cls(os.path.basename(path) or path, path, frame)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "path": self.path}
+        if self.frame is not None:
+            out["frame"] = self.frame
+        return out
+
+
+@dataclass(frozen=True)
 class Result:
     seq: int
     timestamp: float
@@ -45,6 +66,8 @@ class Result:
     error: str | None = None
     top_k: int = 0
     threshold: float = 0.0
+    # Read with the frame, not looked up when the result is shown: a slideshow moves on.
+    origin: Origin | None = None
 
     def payload(self) -> dict[str, float]:
         """The seed's IoT message: ``{label_name: prob}`` of what survived top-k/threshold."""
@@ -61,6 +84,7 @@ class Result:
             "timestamp": round(self.timestamp, 6),
             "model": self.model.to_json() if self.model else None,
             "frame_size": list(self.frame_size),
+            "source": self.origin.to_json() if self.origin else None,
             "top_k": self.top_k,
             "threshold": self.threshold,
             "results": [item.to_json() for item in self.items],

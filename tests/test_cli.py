@@ -7,7 +7,9 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from app.cli import build_parser
@@ -215,3 +217,120 @@ def test_a_usage_error_is_one_line_and_where_the_options_are(args: list[str], ne
     lines = proc.stderr.splitlines()
     assert len(lines) == 2 and needle in lines[0], proc.stderr
     assert lines[1].startswith("(the options: deeplens-dashboard") and lines[1].endswith("--help)")
+
+
+def _nan_classifier() -> bytes:
+    """An ONNX classifier that loads and runs, and gives NaN for every frame: log of a negative."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    nodes = [
+        helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
+        helper.make_node("Flatten", ["pooled"], ["flat"]),
+        helper.make_node("Sub", ["flat", "ten"], ["negative"]),
+        helper.make_node("Log", ["negative"], ["probs"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "nan", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 32, 32])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, [1, 3])],
+        initializer=[numpy_helper.from_array(np.full((1, 3), 10.0, np.float32), "ten")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return model.SerializeToString()
+
+
+def _photos(folder: Path) -> Path:
+    import cv2
+    import skimage.data
+
+    folder.mkdir()
+    for name in ("astronaut", "chelsea", "coffee"):
+        rgb = getattr(skimage.data, name)()
+        cv2.imwrite(str(folder / f"{name}.jpg"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    return folder
+
+
+def _lines(proc: subprocess.CompletedProcess[str]) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def test_infer_walks_a_folder_once_file_by_file_naming_each(tmp_path: Path) -> None:
+    # It once printed the first image 7 times: the slideshow's 3 s interval paced infer.
+    folder = _photos(tmp_path / "photos")
+    proc = cli("infer", "--source", str(folder), "--frames", "7", "--slide-interval", "600")
+    assert proc.returncode == 0, proc.stderr
+    lines = _lines(proc)
+    assert [line["result"]["source"] for line in lines] == [
+        {"name": f"{name}.jpg", "path": str(folder / f"{name}.jpg")}
+        for name in ("astronaut", "chelsea", "coffee")]
+    assert next(iter(lines[1]["payload"])) in ("tiger cat", "Egyptian cat")
+    assert next(iter(lines[2]["payload"])) == "espresso"
+    # --frames stays an upper bound; a glob is walked the same way.
+    proc = cli("infer", "--source", str(folder / "c*.jpg"), "--frames", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert [line["result"]["source"]["name"] for line in _lines(proc)] == ["chelsea.jpg"]
+
+
+def test_infer_names_a_video_file_and_its_frame_but_not_a_generated_one() -> None:
+    proc = cli("infer", "--source", "demo", "--frames", "2", "--top-k", "1")
+    assert proc.returncode == 0, proc.stderr
+    sources = [line["result"]["source"] for line in _lines(proc)]
+    assert [s["name"] for s in sources] == ["bikes.mp4", "bikes.mp4"]
+    assert sources[0]["frame"] < sources[1]["frame"]
+    proc = cli("infer", "--source", "synthetic:64x48@0", "--frames", "1", "--top-k", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert _lines(proc)[0]["result"]["source"] is None
+
+
+def test_infer_exits_1_when_no_camera_gave_a_frame() -> None:
+    if Path("/dev/video0").exists():
+        pytest.skip("this machine has a camera")
+    proc = cli("infer", "--source", "0", "--frames", "2")
+    assert proc.returncode == 1, proc.stderr
+    lines = _lines(proc)  # the error results are still printed
+    assert len(lines) == 2 and all(line["result"]["error"].startswith("no signal") for line in lines)
+    assert "no frame could be inferred" in proc.stderr and "no signal" in proc.stderr
+
+
+def test_infer_exits_1_when_the_model_fails_on_every_frame(tmp_path: Path, image_file: Path) -> None:
+    model = tmp_path / "nan.onnx"
+    model.write_bytes(_nan_classifier())
+    proc = cli("infer", "--source", str(image_file), "--frames", "2", "--model", str(model),
+               "--model-type", "classification")
+    assert proc.returncode == 1, proc.stderr
+    lines = _lines(proc)
+    assert len(lines) == 2 and all("NaN" in line["result"]["error"] for line in lines)
+    assert "no frame could be inferred" in proc.stderr and "model error" in proc.stderr
+
+
+def test_infer_saves_each_annotated_frame_named_after_its_file(tmp_path: Path) -> None:
+    import cv2
+
+    folder = _photos(tmp_path / "photos")
+    out = tmp_path / "out" / "annotated"  # created, parents too
+    proc = cli("infer", "--source", str(folder), "--save", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["astronaut.jpg", "chelsea.jpg", "coffee.jpg"]
+    for line in _lines(proc):
+        saved = Path(line["saved"])
+        assert saved.parent == out and saved.stem == Path(line["result"]["source"]["name"]).stem
+    original = cv2.imread(str(folder / "chelsea.jpg"))
+    annotated = cv2.imread(str(out / "chelsea.jpg"))
+    assert annotated.shape == original.shape  # 451x300: shown at its own size
+    # The overlay (top label, top-left; the fps line, bottom-left) is drawn, the rest untouched.
+    diff = np.abs(annotated.astype(int) - original.astype(int)).max(axis=2) > 60
+    assert diff[:40].any() and diff[-20:].any() and not diff[150:270].any()
+    # No file to name: the frame number.
+    proc = cli("infer", "--source", "synthetic:64x48@0", "--frames", "2", "--save", str(tmp_path / "syn"))
+    assert proc.returncode == 0, proc.stderr
+    assert sorted(p.name for p in (tmp_path / "syn").iterdir()) == ["frame-000001.jpg", "frame-000002.jpg"]
+
+
+def test_infer_refuses_a_save_folder_it_cannot_make(tmp_path: Path, image_file: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    for bad in (blocker, blocker / "sub"):
+        proc = cli("infer", "--source", str(image_file), "--frames", "1", "--save", str(bad))
+        assert proc.returncode == 2, proc.stderr
+        assert "--save" in proc.stderr and str(bad) in proc.stderr and "Traceback" not in proc.stderr
+        assert "unrecognized" not in proc.stderr
+        assert proc.stdout == ""

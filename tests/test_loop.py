@@ -425,3 +425,54 @@ def test_health_reports_a_model_error_as_recent_only_for_a_while() -> None:
     stats.last_model_error_at = time.monotonic() - 3600  # the same error, an hour ago
     assert model_reasons() == []
     assert health_report(service)["checks"]["model"]["errors"] == 1
+
+
+def test_each_result_names_the_file_its_frame_came_from(make_loop: Any, tmp_path: Path) -> None:
+    # A slideshow that moves on every 20 ms: a name looked up when the result is made (or read)
+    # would often belong to the next picture.
+    from tests.test_sources import colour_folder, colour_of
+
+    folder = colour_folder(tmp_path / "imgs")
+    settings = Settings(source=str(folder), source_fps=200, slide_interval=0.02,
+                        display_res="native", overlay=False)
+    service = make_loop(settings, model=ScriptedModel())
+    frames: list[Frame] = []
+    service.hub.add_listener(lambda seq: frames.append(service.hub.latest()))
+    service.start()
+    deadline = time.monotonic() + 10
+    while len({f.result.origin.name for f in frames if f.result.origin}) < 3:
+        assert time.monotonic() < deadline, "the slideshow never showed every file"
+        time.sleep(0.02)
+    service.stop()
+    assert len(frames) > 10
+    for frame in frames:
+        origin = frame.result.origin
+        assert origin is not None and origin.name == colour_of(frame.image)
+        assert frame.result.to_json()["source"] == {"name": origin.name, "path": str(folder / origin.name)}
+
+
+def test_a_folder_walked_once_ends_without_no_signal(make_loop: Any, tmp_path: Path) -> None:
+    from inference.sources import make_source
+    from tests.test_sources import COLOURS, colour_folder
+
+    folder = colour_folder(tmp_path / "imgs")
+    settings = Settings(source=str(folder), display_res="native", overlay=False)
+    service = make_loop(settings, source=make_source(str(folder), once=True), model=ScriptedModel())
+    frames: list[Frame] = []
+    service.hub.add_listener(lambda seq: frames.append(service.hub.latest()))
+    service.start()
+    deadline = time.monotonic() + 10
+    while not service.loop.source_ended:
+        assert time.monotonic() < deadline, "the walk never ended"
+        time.sleep(0.01)
+    time.sleep(0.2)
+    assert [f.result.origin.name for f in frames if f.result.origin] == sorted(COLOURS)
+    assert len(frames) == 3 and all(f.result.error is None for f in frames)
+    assert service.capture.failures == 0
+
+
+def test_a_synthetic_frame_names_no_file(make_loop: Any) -> None:
+    service = make_loop(model=ScriptedModel())
+    service.start()
+    frame = collect(service.hub, 1)[0]
+    assert frame.result.origin is None and frame.result.to_json()["source"] is None

@@ -202,3 +202,86 @@ def test_every_kind_is_a_frame_source_that_says_when_a_frame_waits(tmp_path: Pat
         assert demo.ready()
     finally:
         demo.close()
+
+
+COLOURS = {"blue.png": (255, 0, 0), "green.png": (0, 255, 0), "red.png": (0, 0, 255)}
+
+
+def colour_folder(folder: Path) -> Path:
+    folder.mkdir(exist_ok=True)
+    for name, bgr in COLOURS.items():
+        cv2.imwrite(str(folder / name), np.full((24, 32, 3), bgr, np.uint8))
+    return folder
+
+
+def colour_of(frame: np.ndarray) -> str:
+    bgr = tuple(int(v) for v in frame.reshape(-1, 3).mean(axis=0).round())
+    return next(name for name, c in COLOURS.items() if c == bgr)
+
+
+def test_an_image_comes_with_the_file_it_is(tmp_path: Path) -> None:
+    source = make_source(str(colour_folder(tmp_path / "imgs")), fps=0)
+    assert isinstance(source, ImagesSource)
+    source.open()
+    got = [source.read_with_origin() for _ in range(4)]
+    names = ["blue.png", "green.png", "red.png", "blue.png"]
+    for (frame, origin), name in zip(got, names):
+        assert frame is not None and origin is not None
+        assert origin.name == name == colour_of(frame)
+        assert origin.path == str(tmp_path / "imgs" / name) and origin.frame is None
+        assert origin.to_json() == {"name": name, "path": origin.path}
+
+
+def test_a_folder_walked_once_hands_out_each_file_then_ends(tmp_path: Path) -> None:
+    folder = colour_folder(tmp_path / "imgs")
+    for spec in (str(folder), str(folder / "*.png")):
+        source = make_source(spec, interval=3.0, once=True)  # the slideshow's pacing is not used
+        assert isinstance(source, ImagesSource)
+        source.open()
+        started = time.monotonic()
+        names = []
+        while source.ready():
+            frame, origin = source.read_with_origin()
+            assert frame is not None and origin is not None and colour_of(frame) == origin.name
+            names.append(origin.name)
+        assert time.monotonic() - started < 1.0
+        assert names == sorted(COLOURS) and not source.ended
+        assert source.read_with_origin() == (None, None) and source.ended
+        assert source.read() is None
+        source.open()  # reopening starts the walk again
+        assert not source.ended and source.read() is not None
+    # A single image still repeats: infer --frames N runs it N times.
+    single = make_source(str(folder / "red.png"), fps=0, once=True)
+    single.open()
+    assert all(single.read() is not None for _ in range(3))
+
+
+def test_a_video_file_names_itself_and_the_frame_but_a_camera_does_not(tmp_path: Path) -> None:
+    path = tmp_path / "short.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (64, 48))
+    for i in range(3):
+        writer.write(np.full((48, 64, 3), i * 100, np.uint8))
+    writer.release()
+    source = make_source(str(path), fps=0)
+    assert isinstance(source, VideoSource)
+    source.open()
+    try:
+        got = [source.read_with_origin() for _ in range(5)]
+    finally:
+        source.close()
+    assert [o.frame for _, o in got if o is not None] == [0, 1, 2, 0, 1]  # looped
+    assert {(o.name, o.path) for _, o in got if o is not None} == {("short.avi", str(path))}
+    demo = make_source("demo", fps=0)
+    demo.open()
+    try:
+        frame, origin = demo.read_with_origin()  # type: ignore[attr-defined]
+    finally:
+        demo.close()
+    assert frame is not None and origin is not None and origin.name == "bikes.mp4"
+    live = VideoSource(str(path), live=True)  # stands for a camera: no file to name
+    live.open()
+    try:
+        frame, origin = live.read_with_origin()
+    finally:
+        live.close()
+    assert frame is not None and origin is None

@@ -33,7 +33,7 @@ from inference.pipeline import overlay
 from inference.pipeline.frames import FrameHub
 from inference.pipeline.render import display_size, renderer
 from inference.pipeline.stats import LoopStats
-from inference.result import Item, Result
+from inference.result import Item, Origin, Result
 from inference.settings import Settings
 from inference.sources.capture import Capture
 from inference.types import FrameSource, Image, Model
@@ -72,6 +72,8 @@ class InferenceLoop(Worker):
         self._last_display_size = NO_SIGNAL_SIZE
         self.isolation: Optional[CpuIsolation] = None
         self._pending: Optional[Tuple[Image, Result, Any, Tuple[int, int]]] = None
+        # Set once a finite source has no frame left and every frame of it is published.
+        self.source_ended = False
         capture.on_open = self._source_opened
 
     # -- control (from the service) --------------------------------------------------------------
@@ -189,15 +191,24 @@ class InferenceLoop(Worker):
         """One frame; True when the next one was already waiting (the model sets the pace)."""
         self._take_swaps()
         started = time.perf_counter()
-        frame, reason = self.capture.read()
+        frame, reason, origin = self.capture.read()
         if frame is None:
+            if self.capture.ended:
+                # Every file was read (headless infer over a folder): publish what is held and
+                # wait for a stop or another source; there is no signal to come back.
+                self._flush()
+                self.source_ended = True
+                self.stopping.wait(0.05)
+                return False
             self._no_signal(reason)
             self.capture.backoff(self.stopping)
             return False
+        self.source_ended = False
         timestamp = time.time()
-        return self.process(frame, timestamp, (time.perf_counter() - started) * 1000.0)
+        return self.process(frame, timestamp, (time.perf_counter() - started) * 1000.0, origin)
 
-    def process(self, frame: Image, timestamp: float, capture_ms: float) -> bool:
+    def process(self, frame: Image, timestamp: float, capture_ms: float,
+                origin: Optional[Origin] = None) -> bool:
         settings = self.settings
         timings = {"capture": capture_ms}
         model = self.model
@@ -234,7 +245,7 @@ class InferenceLoop(Worker):
         result = Result(
             seq=self._seq, timestamp=timestamp, model=model.info if model else None,
             frame_size=(w, h), items=items, parsed=parsed, timings_ms=timings, fps=fps,
-            error=error, top_k=settings.top_k, threshold=settings.threshold,
+            error=error, top_k=settings.top_k, threshold=settings.threshold, origin=origin,
         )
         self._last_display_size = display
         self._flush()

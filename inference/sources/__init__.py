@@ -23,8 +23,12 @@ def default_source() -> str:
     return "awscam" if awscam_available() else "demo"
 
 
-def make_source(spec: str, fps: float | None = None, interval: float = 3.0) -> FrameSource:
+def make_source(
+    spec: str, fps: float | None = None, interval: float = 3.0, once: bool = False
+) -> FrameSource:
     """Build the source ``spec`` names; ``fps`` None keeps each kind's own pace, 0 is unpaced.
+    ``once``: a folder or glob hands out each image one time, unpaced, then ends (headless
+    ``infer``); a single image still repeats, so ``infer`` can run it ``--frames`` times.
 
     Raises SourceSpecError for a path that does not exist or a spec of no known kind, so the
     CLI can refuse it at start.
@@ -58,7 +62,7 @@ def make_source(spec: str, fps: float | None = None, interval: float = 3.0) -> F
         files = sorted(glob.glob(os.path.expanduser(spec)))
         if not files:
             raise SourceSpecError(f"no file matches {spec!r}")
-        return ImagesSource(files, fps=fps, interval=interval, name=spec)
+        return ImagesSource(files, fps=fps, interval=interval, name=spec, once=once)
     path = Path(spec).expanduser()
     if path.is_dir():
         from inference.sources.images import ImagesSource
@@ -66,7 +70,7 @@ def make_source(spec: str, fps: float | None = None, interval: float = 3.0) -> F
         files = sorted(str(p) for p in path.iterdir() if p.suffix.lower() in IMAGE_EXTS)
         if not files:
             raise SourceSpecError(f"folder {spec!r} holds no image ({', '.join(sorted(IMAGE_EXTS))})")
-        return ImagesSource(files, fps=fps, interval=interval, name=spec)
+        return ImagesSource(files, fps=fps, interval=interval, name=spec, once=once)
     if not path.exists():
         raise SourceSpecError(
             f"{spec!r} is no file, folder, URL, webcam index or one of {', '.join(NAMED_SOURCES)}"

@@ -10,6 +10,7 @@ import threading
 from typing import Callable, Optional, Tuple
 
 from inference.logutil import RateLimitedLog
+from inference.result import Origin
 from inference.types import FrameSource, Image
 
 log = logging.getLogger(__name__)
@@ -35,8 +36,14 @@ class Capture:
     def name(self) -> str:
         return self.source.name if self.source is not None else "(no source)"
 
-    def read(self) -> Tuple[Optional[Image], str]:
-        """The next frame, or None and why not."""
+    @property
+    def ended(self) -> bool:
+        """A finite source (``infer`` over a folder) has handed out every frame it has: no
+        frame is a normal end, not a failure to retry."""
+        return bool(getattr(self.source, "ended", False))
+
+    def read(self) -> Tuple[Optional[Image], str, Optional[Origin]]:
+        """The next frame and the file it came from (None from a camera), or None and why not."""
         try:
             source = self.source
             if source is None:
@@ -45,16 +52,18 @@ class Capture:
                 source.open()
                 self._open = True
                 self.on_open()
-            frame = source.read()
+            frame, origin = _read(source)
         except Exception as exc:
-            return None, str(exc) or type(exc).__name__
+            return None, str(exc) or type(exc).__name__, None
         if frame is None:
-            return None, f"no frame from {source.name}"
+            if getattr(source, "ended", False):
+                return None, f"end of {source.name}", None
+            return None, f"no frame from {source.name}", None
         if self.consecutive_failures:
             log.info("source back after %d failed reads", self.consecutive_failures)
         self.consecutive_failures = 0
         self.last_error = None
-        return frame, ""
+        return frame, "", origin
 
     def failed(self, reason: str) -> int:
         """Count a failed read; returns how many failed in a row."""
@@ -96,3 +105,13 @@ class Capture:
                 log.exception("closing the source failed")
         self._open = False
 
+
+
+def _read(source: FrameSource) -> Tuple[Optional[Image], Optional[Origin]]:
+    # A source that knows its files returns the frame and its file from one call; any other
+    # (a camera, a test's fake) returns just the frame.
+    read_with_origin = getattr(source, "read_with_origin", None)
+    if read_with_origin is not None:
+        frame, origin = read_with_origin()
+        return frame, origin
+    return source.read(), None

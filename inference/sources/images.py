@@ -8,6 +8,7 @@ import time
 
 import cv2
 
+from inference.result import Origin
 from inference.sources.pacing import Pacer
 from inference.types import Image, SourceError
 
@@ -20,17 +21,22 @@ class ImagesSource:
     """Repeats the current image at ``fps`` and moves on every ``interval`` seconds.
 
     Unpaced (``fps=0``) it moves on at every read, so ``infer --frames N`` sees N images.
-    Unreadable files are skipped with a log line; a set with no readable image is an error.
+    ``once`` (headless ``infer`` on a folder or glob) hands out each image one time, unpaced,
+    then nothing, with :attr:`ended` set. Unreadable files are skipped with a log line; a set
+    with no readable image is an error.
     """
 
     def __init__(
-        self, files: list[str], fps: float | None = None, interval: float = 3.0, name: str = ""
+        self, files: list[str], fps: float | None = None, interval: float = 3.0, name: str = "",
+        once: bool = False,
     ) -> None:
         self.files = list(files)
-        self.fps = DEFAULT_IMAGE_FPS if fps is None else fps
+        self.once = once
+        self.fps = 0.0 if once else (DEFAULT_IMAGE_FPS if fps is None else fps)
         self.interval = interval
         self.name = name or (files[0] if files else "images")
         self.skipped: list[str] = []
+        self.ended = False
         self._images: list[tuple[str, Image]] = []
         self._pacer = Pacer(self.fps)
         self._index = 0
@@ -52,12 +58,20 @@ class ImagesSource:
             raise SourceError(f"no readable image in {self.name!r}")
         self._index = 0
         self._reads = 0
+        self.ended = False
         self._shown_since = time.monotonic()
         self._stop = threading.Event()
 
     def read(self) -> Image | None:
-        if not self._images:
-            return None
+        return self.read_with_origin()[0]
+
+    def read_with_origin(self) -> tuple[Image | None, Origin | None]:
+        """The next frame and the file it is: one step, so the name cannot belong to the next."""
+        if not self._images or self.ended:
+            return None, None
+        if self.once and self._reads >= len(self._images):
+            self.ended = True
+            return None, None
         self._pacer.wait(self._stop)
         now = time.monotonic()
         if self.fps == 0:
@@ -67,12 +81,15 @@ class ImagesSource:
             self._index = (self._index + 1) % len(self._images)
             self._shown_since = now
         self._reads += 1
+        path, image = self._images[self._index]
         # The loop draws on the frame it gets: hand out a copy so the stored image stays clean.
-        frame: Image = self._images[self._index][1].copy()
-        return frame
+        frame: Image = image.copy()
+        return frame, Origin.of(path)
 
     def ready(self) -> bool:
-        """A read now returns without waiting."""
+        """A read now returns without waiting (for ``once``, a frame is left)."""
+        if self.once:
+            return bool(self._images) and self._reads < len(self._images)
         return bool(self._images) and self._pacer.ready()
 
     def close(self) -> None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import cv2
 
+from inference.result import Origin
 from inference.sources.pacing import Pacer
 from inference.types import Image, SourceError
 
@@ -50,7 +51,8 @@ class VideoSource:
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self._cond = threading.Condition()
-        self._frame: Image | None = None
+        # The newest decoded frame and its index in the file (None from a camera or stream).
+        self._frame: tuple[Image, int | None] | None = None
         self._error: str | None = None
 
     def open(self) -> None:
@@ -81,15 +83,18 @@ class VideoSource:
     def _grab(self, cap: cv2.VideoCapture, stop: threading.Event) -> None:
         pacer = Pacer(self.fps if not self.live else 0.0)
         handoff = not self.live and self.fps == 0
+        index = -1
         while not stop.is_set():
             pacer.wait(stop)
             ok, frame = cap.read()
+            index += 1
             if not ok and not self.live:
                 # End of file: loop from the start. A file that yields nothing even then is broken.
                 self.loops += 1
                 if not cap.set(cv2.CAP_PROP_POS_FRAMES, 0):
                     log.debug("seek failed on %s, reopening", self.name)
                 ok, frame = cap.read()
+                index = 0
             if not ok or frame is None:
                 with self._cond:
                     self._error = f"no frame from {self.name!r}"
@@ -100,23 +105,29 @@ class VideoSource:
                 if handoff:
                     while self._frame is not None and not stop.is_set():
                         self._cond.wait(0.5)
-                self._frame = frame
+                self._frame = (frame, None if self.live else index)
                 self._cond.notify_all()
 
     def read(self) -> Image | None:
+        return self.read_with_origin()[0]
+
+    def read_with_origin(self) -> tuple[Image | None, Origin | None]:
+        """The newest frame and, from a file, the file and the frame's index in it."""
         timeout = max(2.0, 3.0 / self.fps) if self.fps else 5.0
         deadline = time.monotonic() + timeout
         with self._cond:
             while self._frame is None:
                 if self._error is not None or self._thread is None:
-                    return None
+                    return None, None
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    return None
+                    return None, None
                 self._cond.wait(remaining)
-            frame, self._frame = self._frame, None
+            (frame, index), self._frame = self._frame, None
             self._cond.notify_all()
-            return frame
+        if index is None or isinstance(self.target, int):
+            return frame, None
+        return frame, Origin.of(self.target, index)
 
     def ready(self) -> bool:
         """A decoded frame is waiting: a read now returns it without waiting."""
