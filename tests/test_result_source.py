@@ -4,6 +4,7 @@ rich IoT payload, while the seed's payload stays exactly ``{label: prob}``."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
@@ -38,3 +39,15 @@ def test_the_rich_iot_payload_names_the_file_and_the_seed_payload_does_not() -> 
     assert rich["payload"] == {"cat": 0.9, "dog": 0.05}
     messages = Composer(Settings(iot_payload="seed"), clock=lambda: 0.0).inference(frame)
     assert json.loads(messages[-1].payload) == {"cat": 0.9, "dog": 0.05}
+
+
+def test_results_endpoint_names_the_file(tmp_path: Path) -> None:
+    from tests.test_server import running_server
+    from tests.test_sources import colour_folder
+
+    folder = colour_folder(tmp_path / "imgs")
+    with running_server(str(folder), slide_interval=600) as srv:
+        srv.wait_frames(1)
+        with srv.client() as client:
+            body = client.get("/results").json()
+    assert body["source"] == {"name": "blue.png", "path": str(folder / "blue.png")}
