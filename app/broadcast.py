@@ -18,10 +18,13 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Optional, Tuple, TypeVar
+from typing import TYPE_CHECKING, Any, Optional, Tuple, TypeVar
 
 from inference.pipeline.frames import Frame, FrameHub
 from inference.workers import FunctionWorker
+
+if TYPE_CHECKING:
+    from inference.service import Service
 
 log = logging.getLogger(__name__)
 
@@ -222,6 +225,10 @@ class Broadcaster:
         self.frames_sent = 0
         self.frames_skipped = 0  # of viewers that have left; live ones count in Viewer.skipped
         self.rejected = 0
+        # Bumped on the event loop for each change of the service's settings or state, so an
+        # event stream knows to send them again; a subscriber compares it with what it sent.
+        self.changes = 0
+        self._followed: Service | None = None
 
     # -- wiring ----------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -229,7 +236,17 @@ class Broadcaster:
         self.hub.add_listener(self._listener)
         self._ticker = self._loop.create_task(self._tick())
 
+    def follow(self, service: Service) -> None:
+        """Count (and wake waiters on) the changes of ``service``'s settings and state.
+        Idempotent: called by each event stream, the first one subscribes."""
+        if self._followed is None:
+            self._followed = service
+            service.add_listener(self._service_changed)
+
     def detach(self, deadline: float) -> None:
+        if self._followed is not None:
+            self._followed.remove_listener(self._service_changed)
+            self._followed = None
         self.hub.remove_listener(self._listener)
         if self._encoders is not None:
             self._encoders.stop(deadline)
@@ -268,6 +285,14 @@ class Broadcaster:
         event, self._event = self._event, asyncio.Event()
         event.set()
 
+    def _service_changed(self, what: str) -> None:
+        # On the thread that changed the service, holding its lock: hand off, never block.
+        _call_soon(self._loop, self._bump_changes)
+
+    def _bump_changes(self) -> None:
+        self.changes += 1
+        self._wake()
+
     async def _tick(self) -> None:
         # Waiters re-check their deadlines and the shutdown at least this often, without a
         # timer task per wait.
@@ -276,13 +301,16 @@ class Broadcaster:
             self._wake()
 
     # -- waiting ---------------------------------------------------------------------------------
-    async def wait_newer(self, seq: int, deadline: float) -> bool:
-        """True once the hub has a frame newer than ``seq``; False at ``deadline`` or shutdown."""
+    async def wait_newer(self, seq: int, deadline: float, changes: int | None = None) -> bool:
+        """True once the hub has a frame newer than ``seq``; False at ``deadline``, at shutdown,
+        or as soon as ``changes`` (if given) is no longer the service's change count."""
         self._waiting += 1
         try:
             while not self._closed:
                 if self.hub.seq > seq and not self.hub.closed:
                     return True
+                if changes is not None and changes != self.changes:
+                    return False
                 if time.monotonic() >= deadline:
                     return False
                 await self._event.wait()

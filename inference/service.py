@@ -34,6 +34,17 @@ STOP_SECONDS = 2.0
 
 SourceFactory = Callable[[Settings], FrameSource]
 ModelFactory = Callable[[Settings], Model]
+# Told "config" after a live change and "state" after the pipeline's state changed.
+ChangeListener = Callable[[str], None]
+
+
+class PipelineActionError(ValueError):
+    """A pipeline action that cannot lead to its state from the current one."""
+
+    def __init__(self, action: str, state: LoopState) -> None:
+        super().__init__(f"cannot {action}: the pipeline is {state.value}; start it first")
+        self.action = action
+        self.state = state
 
 
 def default_source_factory(settings: Settings) -> FrameSource:
@@ -65,6 +76,7 @@ class Service:
         self.loop = InferenceLoop(settings, self.hub, self.capture)
         self.outputs: List[Output] = list(outputs or [])
         self._lock = threading.RLock()
+        self._listeners: List[ChangeListener] = []
         self._prepared = False
         self.started = False
 
@@ -99,6 +111,22 @@ class Service:
 
     def add_output(self, output: Output) -> None:
         self.outputs.append(output)
+
+    def add_listener(self, listener: ChangeListener) -> None:
+        """``listener`` is called on the changing thread, under the service's lock: it must not
+        block or call back into the service."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: ChangeListener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
+
+    def _changed(self, what: str) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(what)
+            except Exception:
+                log.exception("change listener failed")
 
     # -- lifecycle -------------------------------------------------------------------------------
     def prepare(self, strict: bool = True) -> None:
@@ -150,19 +178,30 @@ class Service:
             self.loop.close()
 
     def pipeline(self, action: str) -> LoopState:
-        """``start``, ``stop``, ``pause`` or ``resume`` the loop (the outputs keep serving)."""
+        """``start``, ``stop``, ``pause`` or ``resume`` the loop (the outputs keep serving).
+
+        Stop ends the loop and closes the source (a camera is free for others; start opens it
+        again); the model stays loaded. Pause keeps both open and stops reading and inferring.
+        An action whose state is already reached changes nothing; pause or resume a stopped
+        pipeline raises PipelineActionError (nothing is there to pause or resume)."""
         with self._lock:
+            before = self.loop.state
+            if action in ("pause", "resume") and before is LoopState.STOPPED:
+                raise PipelineActionError(action, before)
             if action == "start":
                 self.hub.reopen()
                 self.loop.start()
             elif action == "stop":
-                self.loop.stop(time.monotonic() + STOP_SECONDS)
+                if self.loop.stop(time.monotonic() + STOP_SECONDS):
+                    self.capture.close()
             elif action == "pause":
                 self.loop.pause()
             elif action == "resume":
                 self.loop.resume()
             else:
                 raise ValueError(f"unknown pipeline action {action!r}")
+            if self.loop.state is not before:
+                self._changed("state")
             return self.loop.state
 
     # -- live changes ----------------------------------------------------------------------------
@@ -182,6 +221,7 @@ class Service:
                 log.info("source switching to %s", source.name)
             for output in self.outputs:
                 output.apply(new)
+            self._changed("config")
             return new
 
     def _load_beside(self, new: Settings, changes: Mapping[str, Any]

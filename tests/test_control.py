@@ -3,7 +3,9 @@ and source switches, the pipeline actions and --protect-views."""
 
 from __future__ import annotations
 
+import json
 import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +134,8 @@ def test_a_source_that_cannot_open_is_refused(srv: Running, tmp_path: Path) -> N
 
 def test_pipeline_actions(srv: Running) -> None:
     with srv.client(TOKEN) as client:
-        assert client.post("/api/pipeline/pause").json() == {"action": "pause", "state": "paused"}
+        assert client.post("/api/pipeline/pause").json() == {"action": "pause", "state": "paused",
+                                                              "changed": True}
         assert client.get("/results").json()["state"] == "paused"
         assert client.post("/api/pipeline/resume").json()["state"] == "running"
         assert client.post("/api/pipeline/stop").json()["state"] == "stopped"
@@ -140,6 +143,102 @@ def test_pipeline_actions(srv: Running) -> None:
         assert client.post("/api/pipeline/start").json()["state"] == "running"
         assert fresh_result(srv, client)["state"] == "running"
         assert client.post("/api/pipeline/explode").status_code == 422
+
+
+def test_pipeline_actions_that_do_not_apply_answer_409_and_repeats_change_nothing(
+    srv: Running,
+) -> None:
+    with srv.client(TOKEN) as client:
+        try:
+            assert client.post("/api/pipeline/stop").json()["changed"] is True
+            # Nothing to pause or resume on a stopped pipeline: a 409 that says what to do.
+            for action in ("pause", "resume"):
+                refused = client.post(f"/api/pipeline/{action}")
+                assert refused.status_code == 409, refused.text
+                body = refused.json()
+                assert body["state"] == "stopped"
+                assert f"cannot {action}" in body["detail"] and "start it" in body["detail"]
+                assert srv.service.state.value == "stopped"
+            # An action whose state is already reached is a 200 that changed nothing.
+            assert client.post("/api/pipeline/stop").json() == {
+                "action": "stop", "state": "stopped", "changed": False}
+            assert client.post("/api/pipeline/start").json()["changed"] is True
+            assert client.post("/api/pipeline/start").json() == {
+                "action": "start", "state": "running", "changed": False}
+            assert client.post("/api/pipeline/resume").json()["changed"] is False
+            assert client.post("/api/pipeline/pause").json()["changed"] is True
+            assert client.post("/api/pipeline/pause").json()["changed"] is False
+            assert client.post("/api/pipeline/resume").json() == {
+                "action": "resume", "state": "running", "changed": True}
+        finally:
+            client.post("/api/pipeline/start")
+            client.post("/api/pipeline/resume")
+        assert fresh_result(srv, client)["state"] == "running"
+
+
+def test_stop_releases_the_source_and_start_opens_it_again(srv: Running) -> None:
+    capture = srv.service.capture
+    with srv.client(TOKEN) as client:
+        try:
+            assert client.post("/api/pipeline/stop").json()["state"] == "stopped"
+            assert not capture._open, "a stopped pipeline keeps its camera open"
+            assert srv.service.loop.model is not None, "the model stays loaded"
+        finally:
+            client.post("/api/pipeline/start")
+        assert fresh_result(srv, client)["state"] == "running"
+        assert capture._open
+
+
+def sse_events(response: httpx.Response) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(event type, data) for each event of an open SSE response."""
+    kind, data = "message", ""
+    for line in response.iter_lines():
+        if line.startswith("event:"):
+            kind = line[6:].strip()
+        elif line.startswith("data:"):
+            data += line[5:].strip()
+        elif not line and data:
+            yield kind, json.loads(data)
+            kind, data = "message", ""
+
+
+def next_event(events: Iterator[tuple[str, dict[str, Any]]], kind: str,
+               where: Callable[[dict[str, Any]], bool] = lambda data: True) -> dict[str, Any]:
+    """The next ``kind`` event whose data satisfies ``where`` (results stream by meanwhile)."""
+    for _ in range(5000):
+        got, data = next(events)
+        if got == kind and where(data):
+            return data
+    raise AssertionError(f"no {kind} event")
+
+
+def test_the_event_stream_pushes_the_live_settings_and_the_pipeline_state(srv: Running) -> None:
+    with srv.client(TOKEN) as client, srv.client() as viewer, \
+            viewer.stream("GET", "/results/events") as response:
+        events = sse_events(response)
+        # At connect, before any result: what the page's controls must show.
+        first = [next(events), next(events)]
+        assert [kind for kind, _ in first] == ["config", "state"]
+        assert first[0][1] == client.get("/api/config").json()
+        assert first[1][1]["state"] == "running"
+        assert first[1][1]["actions"] == ["pause", "stop"]
+        try:
+            # Another client's change reaches every open page.
+            assert client.patch("/api/config", json={"threshold": 0.25, "top_k": 2}).status_code == 200
+            config = next_event(events, "config")
+            assert config["threshold"] == 0.25 and config["top_k"] == 2
+            # Paused, no result comes: the state is pushed on its own.
+            assert client.post("/api/pipeline/pause").status_code == 200
+            paused = next_event(events, "state", lambda data: data["state"] != "running")
+            assert paused == {"state": "paused", "actions": ["resume", "stop"]}
+            assert client.post("/api/pipeline/stop").status_code == 200
+            stopped = next_event(events, "state", lambda data: data["state"] != "paused")
+            assert stopped == {"state": "stopped", "actions": ["start"]}
+            assert client.post("/api/pipeline/start").status_code == 200
+            assert next_event(events, "state", lambda data: data["state"] != "stopped")["state"] == "running"
+        finally:
+            client.post("/api/pipeline/start")
+            client.patch("/api/config", json={"threshold": 0, "top_k": 5})
 
 
 def test_cookie_flow_without_leaking_the_token(srv: Running) -> None:

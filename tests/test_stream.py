@@ -249,18 +249,21 @@ def test_sse_delivers_one_event_per_result() -> None:
             assert response.headers["content-type"].startswith("text/event-stream")
             events: list[dict[str, object]] = []
             ids: list[int] = []
+            names: list[str] = []
             lines = response.iter_lines()
             name = ""
             for line in lines:
                 if line.startswith("event:"):
                     name = line.split(":", 1)[1].strip()
+                    names.append(name)
                 elif line.startswith("id:"):
                     ids.append(int(line.split(":", 1)[1]))
-                elif line.startswith("data:"):
-                    assert name == "result"
+                elif line.startswith("data:") and name == "result":
                     events.append(json.loads(line[5:]))
                     if len(events) == 5:
                         break
+        # The live settings and the pipeline state first (test_control), then only results.
+        assert names == ["config", "state"] + ["result"] * 5
         seqs = [e["seq"] for e in events]
         assert seqs == ids and seqs == sorted(set(seqs))  # type: ignore[type-var]
         assert all(e["state"] == "running" and "payload" in e and "results" in e for e in events)

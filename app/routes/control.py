@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
@@ -15,6 +16,8 @@ from app.routes import PrettyJSONResponse, field_error
 from app.security import COOKIE_NAME, authorized, cookie_value
 from inference import RESOLUTION_NAMES
 from inference.models.catalog import BUILTIN, known_model
+from inference.pipeline.loop import LoopState
+from inference.service import PipelineActionError, Service
 from inference.settings import ConfigError, ConfigPatch
 
 log = logging.getLogger(__name__)
@@ -22,6 +25,27 @@ log = logging.getLogger(__name__)
 router = APIRouter(tags=["control"])
 
 PipelineAction = Literal["start", "stop", "pause", "resume"]
+
+# The actions that change each state: the buttons the page enables. (Repeating one whose state
+# is already reached is a harmless 200, but no button offers it.)
+OFFERED: Dict[LoopState, List[str]] = {
+    LoopState.STOPPED: ["start"],
+    LoopState.RUNNING: ["pause", "stop"],
+    LoopState.PAUSED: ["resume", "stop"],
+}
+
+
+def pipeline_state(service: Service) -> Dict[str, Any]:
+    state = service.state
+    return {"state": state.value, "actions": OFFERED[state]}
+
+
+def control_events(service: Service) -> bytes:
+    """The SSE ``config`` (as ``GET /api/config``) and ``state`` events: what an open page's
+    controls and buttons must show, sent at connect and after each change."""
+    config = json.dumps(service.settings.public(), separators=(",", ":"))
+    state = json.dumps(pipeline_state(service), separators=(",", ":"))
+    return f"event: config\ndata: {config}\n\nevent: state\ndata: {state}\n\n".encode()
 
 
 # -- the page ------------------------------------------------------------------------------------
@@ -54,6 +78,7 @@ def _render(request: Request, status: int = 200, notice: str = "", locked: bool 
         "models": BUILTIN,
         "resolutions": RESOLUTION_NAMES,
         "state": service.state.value,
+        "actions": OFFERED[service.state],
     }
     # Rendered with Jinja2 itself: Starlette's TemplateResponse changed its signature between
     # the releases Python 3.7 gets and the current ones.
@@ -117,10 +142,24 @@ def _blame(exc: Exception, changes: Dict[str, Any]) -> str:
 @router.post(
     "/api/pipeline/{action}", response_class=PrettyJSONResponse,
     dependencies=[ControlDep], summary="start | stop | pause | resume the loop",
-    responses={401: {"description": "No or wrong token"}, 403: {"description": "Cross-origin"}},
+    responses={401: {"description": "No or wrong token"}, 403: {"description": "Cross-origin"},
+               409: {"description": "Pause or resume on a stopped pipeline"}},
 )
 async def pipeline(action: PipelineAction, service: ServiceDep) -> PrettyJSONResponse:
-    # A stop joins the loop thread (up to 2 s): not on the event loop.
-    state = await call_in_thread(f"pipeline-{action}", service.pipeline, action)
+    """``stop`` ends the loop and closes the source (a camera is free for others); the model
+    stays loaded and ``start`` opens the source again. ``pause`` keeps the source and the model
+    open and stops reading and inferring; ``resume`` continues. An action whose state is
+    already reached answers 200 with ``"changed": false``; pause or resume on a stopped pipeline
+    answers 409 (start it)."""
+
+    def run() -> Tuple[LoopState, LoopState]:
+        before = service.state
+        return before, service.pipeline(action)
+
+    try:
+        # A stop joins the loop thread (up to 2 s): not on the event loop.
+        before, state = await call_in_thread(f"pipeline-{action}", run)
+    except PipelineActionError as exc:
+        return PrettyJSONResponse({"detail": str(exc), "state": exc.state.value}, status_code=409)
     log.info("pipeline %s -> %s", action, state.value)
-    return PrettyJSONResponse({"action": action, "state": state.value})
+    return PrettyJSONResponse({"action": action, "state": state.value, "changed": state is not before})

@@ -13,6 +13,7 @@ from fastapi.responses import StreamingResponse
 from app.broadcast import Broadcaster, Viewer
 from app.deps import BroadcasterDep, ServiceDep, ViewDep
 from app.routes import PrettyJSONResponse, _finite
+from app.routes.control import control_events
 from app.routes.stream import NO_STORE, ClosingStreamingResponse, client_name
 from inference.pipeline.frames import Frame
 from inference.service import Service
@@ -50,12 +51,20 @@ def _event(data: dict[str, Any], seq: int) -> bytes:
 
 async def _events(broadcaster: Broadcaster, service: Service, viewer: Viewer) -> AsyncIterator[bytes]:
     yield f"retry: {SSE_RETRY_MS}\n\n".encode()
+    broadcaster.follow(service)
+    changes = -1  # the settings and state go first, then again after each change
     last_seq = 0
     last_sent = time.monotonic()
     while not broadcaster.closed:
-        newer = await broadcaster.wait_newer(last_seq, last_sent + SSE_KEEPALIVE)
+        if changes != broadcaster.changes:
+            changes, last_sent = broadcaster.changes, time.monotonic()
+            yield control_events(service)
+            continue
+        newer = await broadcaster.wait_newer(last_seq, last_sent + SSE_KEEPALIVE, changes)
         if broadcaster.closed:
             break
+        if changes != broadcaster.changes:
+            continue
         item = service.hub.latest()
         if not newer or item is None:
             last_sent = time.monotonic()
@@ -77,7 +86,9 @@ async def _events(broadcaster: Broadcaster, service: Service, viewer: Viewer) ->
 async def result_events(request: Request, service: ServiceDep,
                         broadcaster: BroadcasterDep) -> Response:
     """Each event is ``event: result`` with ``id`` = seq and the ``/results`` JSON as data; the
-    latest result comes at once on connect. A slow subscriber skips to the latest."""
+    latest result comes at once on connect. A slow subscriber skips to the latest. ``config``
+    (as ``GET /api/config``) and ``state`` (``{"state", "actions"}``) events come first and
+    again after each change of the live settings or the pipeline's state."""
     limit = service.settings.max_viewers
     viewer = broadcaster.add_viewer(client_name(request), "-", None, limit, kind="sse")
     if viewer is None:
