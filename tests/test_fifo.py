@@ -403,3 +403,90 @@ def test_a_new_reader_gets_the_latest_frame_at_once(fifo_path: Path, hub: FrameH
         assert decode(frames[0]).shape == (480, 858, 3)
     finally:
         stop(w)
+
+
+def test_a_reader_that_never_reads_is_degraded_health_until_it_reads(
+    fifo_path: Path, hub: FrameHub, feeding: Feeder
+) -> None:
+    writer = FifoWriter(str(fifo_path), hub, "480p", poll_interval=POLL, stuck_after=1.0)
+    writer.start()
+    fd = os.open(fifo_path, os.O_RDONLY | os.O_NONBLOCK)  # a reader that opens and never reads
+    try:
+        assert wait_for(lambda: writer.stats()["reader"])
+        assert writer.health()[0]
+        assert wait_for(lambda: not writer.health()[0], timeout=20), writer.stats()
+        ok, reason = writer.health()
+        assert str(fifo_path) in reason and "reader attached but took no frame for" in reason, reason
+        # It reads again: healthy again as soon as whole frames get through.
+        deadline = time.monotonic() + 20
+        while not writer.health()[0] and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.1)[0]:
+                os.read(fd, 1 << 20)
+        assert writer.health()[0], writer.health()
+    finally:
+        os.close(fd)
+        stop(writer)
+
+
+def test_the_fifo_made_is_removed_at_stop_and_one_found_is_left(fifo_path: Path, hub: FrameHub) -> None:
+    writer = FifoWriter(str(fifo_path), hub, poll_interval=POLL)
+    writer.start()
+    assert fifo_path.exists()
+    stop(writer)
+    assert not fifo_path.exists(), "the FIFO this run made is removed at a clean stop"
+    assert not Path(str(fifo_path) + ".lock").exists()
+    os.mkfifo(fifo_path)  # someone else's (a service file, a user's): left as found
+    writer = FifoWriter(str(fifo_path), hub, poll_interval=POLL)
+    writer.start()
+    stop(writer)
+    assert fifo_path.exists()
+
+
+_SECOND_WRITER = """
+import sys, time
+from inference.outputs.fifo import FifoWriter
+from inference.pipeline.frames import FrameHub
+writer = FifoWriter(sys.argv[1], FrameHub(), poll_interval=0.05)
+writer.start()
+print("started", flush=True)
+sys.stdin.readline()
+writer.stop(time.monotonic() + 2)
+"""
+
+
+def test_a_second_dashboard_on_the_same_fifo_warns_and_waits_its_turn(
+    fifo_path: Path, hub: FrameHub, caplog: pytest.LogCaptureFixture
+) -> None:
+    import sys
+
+    from tests.conftest import product_pythonpath
+
+    first = subprocess.Popen([sys.executable, "-c", _SECOND_WRITER, str(fifo_path)],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                             env={**os.environ, "PYTHONPATH": product_pythonpath()})
+    second = FifoWriter(str(fifo_path), hub, poll_interval=POLL)
+    try:
+        assert first.stdout is not None and first.stdout.readline().strip() == "started"
+        second.start()
+        ok, reason = second.health()
+        assert not ok and f"another dashboard (pid {first.pid}) writes to {fifo_path}" in reason, reason
+        assert any(r.levelname == "WARNING" and "another dashboard" in r.getMessage()
+                   for r in caplog.records), caplog.text
+        with Feeder(hub):
+            time.sleep(POLL * 6)
+            assert second.stats()["frames_written"] == 0 and second.stats()["open_attempts"] == 0
+            # The first one exits (removing the FIFO it made): the second takes over.
+            assert first.stdin is not None
+            first.stdin.write("\n")
+            first.stdin.flush()
+            assert first.wait(10) == 0
+            assert wait_for(lambda: second.health()[0]), second.health()
+            assert wait_for(fifo_path.exists)
+            frames, _ = read_fifo(fifo_path, 2)
+            assert len(frames) == 2
+    finally:
+        stop(second)
+        if first.poll() is None:
+            first.kill()
+            first.wait(10)
+    assert not fifo_path.exists()

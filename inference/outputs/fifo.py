@@ -10,7 +10,14 @@ Unlike the seed, the writer never blocks anyone and never spins:
   than about one frame, so the stream stays fresh and the loop never waits;
 - a frame already started is always finished (a half JPEG followed by the next one would corrupt
   the reader's stream): the rest waits, without blocking, until the reader makes room or leaves;
-- a reader that leaves (EPIPE, or POLLERR while idle) sends the writer back to waiting for the next.
+- a reader that leaves (EPIPE, or POLLERR while idle) sends the writer back to waiting for the next;
+- a reader that stays but takes no frame for ``stuck_after`` seconds while newer ones wait is a
+  fault /health names (every frame is being dropped for it), cleared when it reads again;
+- one writer per path: a lock on ``PATH.lock`` beside the FIFO (``flock``, released by the kernel
+  however the holder ends, so never stale). A second dashboard on the same path warns, shows it
+  in /health and writes nothing (two writers would interleave their JPEGs into garbage); it takes
+  over when the first one exits. A FIFO has no way to tell its writers apart, hence the lock;
+- the FIFO this writer made is removed at a clean stop (one it found is left as it was).
 
 The JPEG is the hub's shared encode, so HTTP viewers at the same resolution cost no second encode.
 """
@@ -39,6 +46,7 @@ log = logging.getLogger(__name__)
 POLL_INTERVAL = 0.25  # reader polling and idle wake-ups: ~4 Hz, ~0 CPU
 PIPE_SIZE = 1 << 20  # a whole 1080p JPEG fits behind one unread frame: partial writes stay rare
 MIN_BACKLOG = 64 * 1024  # a reader with less than this unread is keeping up
+STUCK_SECONDS = 5.0  # a reader that takes no frame this long while newer ones wait is stuck
 
 
 def check_path(path: str) -> bool:
@@ -76,7 +84,7 @@ class FifoWriter(Worker):
 
     def __init__(
         self, path: str, hub: FrameHub, res: str = "480p", poll_interval: float = POLL_INTERVAL,
-        nice: int = 0,
+        nice: int = 0, stuck_after: float = STUCK_SECONDS,
     ) -> None:
         super().__init__()
         self.path = path
@@ -100,28 +108,112 @@ class FifoWriter(Worker):
         self.open_attempts = 0
         self.errors = 0
         self.last_error: str | None = None
+        self.stuck_after = stuck_after
+        self._delivered_at = 0.0  # when the reader last got a whole frame (or opened)
+        self._delivered_seq = 0
+        self._writing_seq = 0
+        self.lock_path = path + ".lock"
+        self._lock_fd: int | None = None
+        self._other_writer: str | None = None  # why this one waits: another dashboard's lock
+        self._made: tuple[int, int] | None = None  # (st_dev, st_ino) of the FIFO this one made
+
+    # -- one writer per path -------------------------------------------------------------------
+    def _take_lock(self) -> bool:
+        """True when this writer holds PATH.lock (or cannot make one: then it goes on without)."""
+        if self._lock_fd is not None:
+            return True
+        try:
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        except OSError as exc:
+            log.debug("no lock beside %s (%s): not checking for another writer", self.path, exc)
+            return True
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # The holder removes the file at its exit: a lock on a file no longer at the path
+            # would exclude no one, so take it again on the file that is there now.
+            held, there = os.fstat(fd), os.stat(self.lock_path)
+            if (held.st_dev, held.st_ino) != (there.st_dev, there.st_ino):
+                raise BlockingIOError
+        except (BlockingIOError, FileNotFoundError) as exc:
+            owner = ""
+            if isinstance(exc, BlockingIOError):
+                try:
+                    owner = os.pread(fd, 32, 0).decode(errors="replace").strip()
+                except OSError:
+                    pass
+            os.close(fd)
+            message = (f"another dashboard{f' (pid {owner})' if owner else ''} writes to "
+                       f"{self.path}; this one writes nothing until it exits (two writers would "
+                       "mix their frames): give this one another --fifo, or --fifo off")
+            if self._other_writer != message:
+                log.warning("project stream: %s", message)
+            self._other_writer = message
+            return False
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        self._lock_fd = fd
+        if self._other_writer is not None:
+            log.info("project stream: the other writer of %s is gone; writing to it now", self.path)
+        self._other_writer = None
+        return True
+
+    def _release(self) -> None:
+        """Remove the FIFO this writer made (if still the one) and the lock, at a clean stop."""
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is None:
+            return
+        if self._made is not None:
+            try:
+                st = os.stat(self.path)
+                if stat.S_ISFIFO(st.st_mode) and (st.st_dev, st.st_ino) == self._made:
+                    os.unlink(self.path)
+                    log.info("removed FIFO %s", self.path)
+            except OSError:
+                pass  # gone already, or replaced: not ours to touch
+            self._made = None
+        try:
+            os.unlink(self.lock_path)  # while holding it, so no one waits on a removed file
+        except OSError:
+            pass
+        os.close(fd)
 
     # -- Output --------------------------------------------------------------------------------
     def start(self) -> None:
         if self.alive:
             return
-        if not check_path(self.path):
+        if self._take_lock() and not check_path(self.path):
             self._mkfifo()
         self._problem = None
         self._state = "waiting for a reader"
         super().start()
-        log.info("project stream FIFO %s (%s): waiting for a reader", self.path, self.res)
+        if self._other_writer is None:
+            log.info("project stream FIFO %s (%s): waiting for a reader", self.path, self.res)
 
     def stop(self, deadline: float) -> bool:
         stopped = super().stop(deadline)
         self._close()
         self._state = "stopped"
+        if stopped:
+            self._release()
         return stopped
 
     def health(self) -> tuple[bool, str]:
+        if self._other_writer:
+            return False, self._other_writer
         if self._problem:
             return False, self._problem
+        stuck = self._stuck_for()
+        if stuck is not None:
+            return False, (f"{self.path}: a reader attached but took no frame for {stuck:.0f} s "
+                           "(frames are dropped for it): is it paused or stuck?")
         return True, f"{self.path}: {self._state}"
+
+    def _stuck_for(self) -> float | None:
+        """Seconds the attached reader has taken nothing while newer frames waited, if too long."""
+        if self._fd is None or self.hub.seq <= self._delivered_seq:
+            return None  # no reader, or it has everything (a paused loop makes nothing new)
+        waited = time.monotonic() - self._delivered_at
+        return waited if waited > self.stuck_after else None
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -139,6 +231,8 @@ class FifoWriter(Worker):
             "errors": self.errors,
             "last_error": self.last_error,
             "problem": self._problem,
+            "other_writer": self._other_writer,
+            "made_by_this_run": self._made is not None,
             "thread_nice": self.thread_nice,
         }
 
@@ -153,6 +247,9 @@ class FifoWriter(Worker):
         checked = time.monotonic()
         while not stop.is_set():
             try:
+                if self._lock_fd is None and not self._take_lock():
+                    stop.wait(self.poll_interval)
+                    continue
                 if self._fd is None:
                     if not self._open():
                         stop.wait(self.poll_interval)
@@ -179,7 +276,7 @@ class FifoWriter(Worker):
                 if encoded is not None:
                     if seq:
                         self.frames_skipped += encoded.seq - seq - 1
-                    seq = encoded.seq
+                    seq = self._writing_seq = encoded.seq
                     self._write_frame(encoded.jpeg(self.res) or b"")
             except Exception as exc:  # the writer must outlive any one bad frame
                 self.errors += 1
@@ -191,6 +288,8 @@ class FifoWriter(Worker):
     def _mkfifo(self) -> None:
         try:
             os.mkfifo(self.path, 0o644)
+            st = os.stat(self.path)
+            self._made = (st.st_dev, st.st_ino)
             log.info("created FIFO %s", self.path)
         except FileExistsError:
             check_path(self.path)  # someone else made it first: still refuse a regular file
@@ -227,6 +326,7 @@ class FifoWriter(Worker):
                 fcntl.fcntl(fd, setsz, PIPE_SIZE)
             except OSError:
                 pass  # over /proc/sys/fs/pipe-max-size: the default 64 KiB works, less smoothly
+        self._delivered_at, self._delivered_seq = time.monotonic(), 0
         with self._lock:
             self._fd = fd
         self._problem = None
@@ -315,6 +415,7 @@ class FifoWriter(Worker):
     def _count(self, size: int) -> None:
         self.frames_written += 1
         self.bytes_written += size
+        self._delivered_at, self._delivered_seq = time.monotonic(), self._writing_seq
 
     def _close(self) -> None:
         with self._lock:
