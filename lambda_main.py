@@ -86,7 +86,11 @@ class Function:
     def __init__(self) -> None:
         self.errors: List[str] = []
         self.settings = load_settings(dict(os.environ), self.errors)
+        refused = len(self.errors)
         self.service = build_service(self.settings, self.errors)
+        # Running on a fallback is a fault /health shows, not only a line in the log.
+        self.fallbacks = [f"{e}; using the default" for e in self.errors[:refused]] + [
+            f"{e}; turned off" for e in self.errors[refused:]]
         self.server: Any = None
         self.keepalive: Optional[FunctionWorker] = None
         self.stopped = threading.Event()
@@ -107,7 +111,7 @@ class Function:
         try:
             from app.server import run_in_thread
 
-            self.server = run_in_thread(service)
+            self.server = run_in_thread(service, self.fallbacks)
         except Exception as exc:  # port taken, a broken app: keep the loop, FIFO and IoT going
             log.exception("dashboard not served: %s", exc)
             if iot is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, List, Optional
@@ -38,9 +38,10 @@ HERE = Path(__file__).resolve().parent
 STOP_SECONDS = 1.0
 
 
-def create_app(service: Service, token: Optional[str] = None) -> FastAPI:
+def create_app(service: Service, token: Optional[str] = None, fallbacks: Sequence[str] = ()) -> FastAPI:
     """The dashboard of ``service``. The control token is ``token``, else ``--token``, else a
-    fresh one (``app.state.token``: the CLI logs it once)."""
+    fresh one (``app.state.token``: the CLI logs it once). ``fallbacks``: settings the owner
+    could not use and what runs instead, shown as faults in /health."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -65,6 +66,7 @@ def create_app(service: Service, token: Optional[str] = None) -> FastAPI:
     )
     app.state.service = service
     app.state.token = token or service.settings.token or new_token()
+    app.state.fallbacks = list(fallbacks)
     app.state.registry = make_registry(service, app.state)
     app.state.templates = jinja2.Environment(
         loader=jinja2.FileSystemLoader(str(HERE / "templates")), autoescape=True)

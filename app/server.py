@@ -15,7 +15,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Sequence
 from types import FrameType
 from typing import Optional
 
@@ -100,12 +100,13 @@ def _uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     )
 
 
-def create_server(service: Service) -> DashboardServer:
-    """The uvicorn server of ``service``'s dashboard; its token is ``server.app.state.token``."""
+def create_server(service: Service, fallbacks: Sequence[str] = ()) -> DashboardServer:
+    """The uvicorn server of ``service``'s dashboard; its token is ``server.app.state.token``;
+    ``fallbacks`` as in :func:`create_app`."""
     access = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, RedactTokens) for f in access.filters):
         access.addFilter(RedactTokens())
-    app = create_app(service)
+    app = create_app(service, fallbacks=fallbacks)
     return DashboardServer(_uvicorn_config(app, service.settings), app)
 
 
@@ -203,9 +204,9 @@ class ServerThread:
             self._sock.close()
 
 
-def run_in_thread(service: Service) -> ServerThread:
+def run_in_thread(service: Service, fallbacks: Sequence[str] = ()) -> ServerThread:
     """Serve in a background thread (the Greengrass Lambda); returns once the port is bound."""
-    thread = ServerThread(create_server(service))
+    thread = ServerThread(create_server(service, fallbacks))
     thread.start()
     log_urls(service.settings, thread.port, thread.server.app.state.token,
              generated=not service.settings.token)

@@ -239,6 +239,12 @@ def test_bad_setting_is_published_and_the_default_used(lambda_env: dict[str, str
     assert wait_for(lambda: lp.get("/results")["seq"] > 0, timeout=30)
     assert lp.get("/results")["top_k"] == 3  # the bad variable dropped, the file's value kept
     assert taken.read_bytes() == b"not ours"
+    # Running on a fallback is a fault to see, not only to find in the log.
+    health = lp.get("/health")
+    assert health["status"] == "degraded", health
+    reasons = " | ".join(health["reasons"])
+    assert "settings: --top-k (from DEEPLENS_TOP_K)" in reasons and "using the default" in reasons
+    assert "settings: --fifo" in reasons and str(taken) in reasons and "turned off" in reasons
 
 
 def test_snapshot_after_the_main_thread_ended(lambda_env: dict[str, str], device_xml: Path,

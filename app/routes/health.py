@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -30,11 +30,13 @@ def _broadcaster(request: Request) -> Broadcaster | None:
     return getattr(request.app.state, "broadcaster", None)
 
 
-def health_report(service: Service) -> dict[str, Any]:
+def health_report(service: Service, fallbacks: Sequence[str] = ()) -> dict[str, Any]:
+    """``fallbacks``: settings that could not be used and what runs instead (the Lambda, which
+    has no command line to refuse them, comes up without them)."""
     loop, capture = service.loop, service.capture
     stats = loop.stats
     state = loop.state.value
-    reasons: list[str] = []
+    reasons: list[str] = [f"settings: {message}" for message in fallbacks]
 
     camera: dict[str, Any] = {"ok": True, "consecutive_failures": capture.consecutive_failures,
                               "last_error": capture.last_error}
@@ -81,15 +83,17 @@ def health_report(service: Service) -> dict[str, Any]:
         "status": "degraded" if reasons else "ok",
         "reasons": reasons,
         "state": state,
-        "checks": {"pipeline": pipeline, "camera": camera, "model": model, "outputs": outputs},
+        "checks": {"pipeline": pipeline, "settings": {"ok": not fallbacks, "fallbacks": list(fallbacks)},
+                   "camera": camera, "model": model, "outputs": outputs},
     }
 
 
 @router.get("/health", response_class=PrettyJSONResponse, summary="ok or degraded, with the reasons")
-async def health(service: ServiceDep) -> PrettyJSONResponse:
-    """Always 200 while the server answers; ``status`` is ``ok`` or ``degraded`` and ``reasons``
-    names the part (camera, model, outputs, pipeline)."""
-    return PrettyJSONResponse(health_report(service))
+async def health(request: Request, service: ServiceDep) -> PrettyJSONResponse:
+    """Always 200 while the server answers; ``status`` is ``ok`` or ``degraded`` (faults only)
+    and ``reasons`` names the part (settings, camera, model, outputs); ``state`` is the
+    pipeline's (running, paused, stopped)."""
+    return PrettyJSONResponse(health_report(service, getattr(request.app.state, "fallbacks", ())))
 
 
 def stats_report(service: Service, broadcaster: Broadcaster | None) -> dict[str, Any]:
