@@ -51,6 +51,8 @@ class ModelInfo:
             "type": self.type,
             "input_size": [self.input_width, self.input_height],
             "backend": self.backend,
+            # How many results a classification can give at most (0: unknown, no label names).
+            "classes": len(self.labels),
         }
 
 

@@ -1,6 +1,6 @@
-// The control page: results pushed over SSE, stats and IoT messages polled, controls via fetch.
-// Plain JS, no build step. The token travels in an HttpOnly cookie set when the page was opened
-// with ?token=, so nothing here ever sees it.
+// The control page: results, the live settings and the pipeline state pushed over SSE; stats
+// and IoT messages polled; controls via fetch. Plain JS, no build step. The token travels in an
+// HttpOnly cookie set when the page was opened with ?token=, so nothing here ever sees it.
 "use strict";
 
 (() => {
@@ -10,19 +10,79 @@
 
   const POLL_MS = 2000;
   const STREAM_RETRY_MS = 2000;
+  const RECONNECT_MS = [500, 1000, 2000, 4000];
+
+  // -- connection and pipeline state -----------------------------------------------------------
+  let online = true;
+  let pipelineState = $("state").textContent.trim();
+  let actions = null; // the actions the server offers in this state; null until it says
+  let reconnects = 0;
+  let events = null;
+
+  function applyButtons() {
+    document.querySelectorAll("[data-action]").forEach((button) => {
+      // Before the first state event the server-rendered page leaves the buttons as they are.
+      if (actions) button.disabled = !online || !actions.includes(button.dataset.action);
+    });
+  }
+
+  function setState(state, offered) {
+    pipelineState = state;
+    actions = offered;
+    const el = $("state");
+    el.textContent = state;
+    el.className = "badge state-" + state;
+    if (state !== "running") {
+      // An fps measured before a pause or stop is not the rate now.
+      $("fps").textContent = "–";
+      $("infer-ms").textContent = "–";
+    }
+    applyButtons();
+  }
+
+  function setOffline() {
+    if (!online) return;
+    online = false;
+    const el = $("state");
+    el.textContent = "server unreachable — reconnecting";
+    el.className = "badge state-unreachable";
+    for (const id of ["fps", "infer-ms", "viewers", "encodes"]) $(id).textContent = "–";
+    // The browser keeps showing the last frame of a cut stream: say it is old.
+    $("stream").closest(".stream-wrap").dataset.stale = "true";
+    applyButtons();
+  }
+
+  function setOnline() {
+    if (online) return;
+    online = true;
+    delete $("stream").closest(".stream-wrap").dataset.stale;
+    restartStream();
+    pollStats();
+    pollIot();
+  }
 
   // -- results (SSE) ---------------------------------------------------------------------------
   const fmtPct = (p) => (p * 100).toFixed(p >= 0.995 ? 0 : 1) + "%";
 
+  function resultKind(r) {
+    if (r.model.type === "ssd") return "· detections";
+    if (r.model.type !== "classification") return "· classes";
+    // "top 10" over a 2-class model promises rows that cannot come; without label names the
+    // number of classes is unknown, so no number at all.
+    const classes = r.model.classes;
+    return classes ? `· top ${Math.min(r.top_k, classes)}` : "· best first";
+  }
+
   function renderResult(r) {
     $("seq").textContent = r.seq ?? "–";
-    $("fps").textContent = r.fps != null ? Number(r.fps).toFixed(1) : "–";
-    const ms = r.timings_ms && r.timings_ms.inference;
-    $("infer-ms").textContent = ms != null ? Number(ms).toFixed(1) : "–";
-    if (r.state) setState(r.state);
+    if (pipelineState === "running") {
+      $("fps").textContent = r.fps != null ? Number(r.fps).toFixed(1) : "–";
+      const ms = r.timings_ms && r.timings_ms.inference;
+      $("infer-ms").textContent = ms != null ? Number(ms).toFixed(1) : "–";
+    }
     if (r.model) {
       $("model-name").textContent = `${r.model.name} (${r.model.type})`;
-      $("result-kind").textContent = r.model.type === "ssd" ? "· detections" : `· top ${r.top_k}`;
+      $("result-kind").textContent = resultKind(r);
     }
     const err = $("result-error");
     err.hidden = !r.error;
@@ -65,27 +125,46 @@
     $("no-results").textContent = r.seq ? `Nothing above the threshold (${r.threshold}).` : "Waiting for results…";
   }
 
-  function connectEvents() {
-    const es = new EventSource("/results/events");
-    es.addEventListener("result", (ev) => {
-      try { renderResult(JSON.parse(ev.data)); } catch (e) { console.error("bad result event", e); }
-    });
-    // EventSource reconnects by itself (the server sends retry:); nothing else to do on error.
+  function handle(name, fn) {
+    return (ev) => {
+      try { fn(JSON.parse(ev.data)); } catch (e) { console.error(`bad ${name} event`, e); }
+    };
   }
 
-  // -- stream image: reconnect after a server restart ------------------------------------------
+  function connectEvents() {
+    const es = new EventSource("/results/events");
+    events = es;
+    es.addEventListener("config", handle("config", (c) => { followConfig(c); }));
+    es.addEventListener("state", handle("state", (s) => {
+      reconnects = 0;
+      setOnline();
+      setState(s.state, s.actions);
+    }));
+    es.addEventListener("result", handle("result", renderResult));
+    // EventSource retries a dropped connection itself, but gives up for good on an answer that
+    // is not a stream (a 503 while the server starts): reconnect here instead, in both cases.
+    es.addEventListener("error", () => {
+      if (events !== es) return;
+      es.close();
+      events = null;
+      setOffline();
+      const delay = RECONNECT_MS[Math.min(reconnects, RECONNECT_MS.length - 1)];
+      reconnects += 1;
+      setTimeout(connectEvents, delay);
+    });
+  }
+
+  // -- stream image ----------------------------------------------------------------------------
   const img = $("stream");
+  function restartStream() {
+    img.src = "/stream.mjpg?r=" + Date.now();
+  }
   img.addEventListener("error", () => {
-    setTimeout(() => { img.src = "/stream.mjpg?r=" + Date.now(); }, STREAM_RETRY_MS);
+    // Offline, the event stream's return restarts it; retrying here as well would only pile up.
+    if (online) setTimeout(() => { if (online) restartStream(); }, STREAM_RETRY_MS);
   });
 
   // -- polling: stats and IoT messages ---------------------------------------------------------
-  function setState(state) {
-    const el = $("state");
-    el.textContent = state;
-    el.className = "badge state-" + state;
-  }
-
   async function getJSON(url) {
     const res = await fetch(url, { cache: "no-store", credentials: "same-origin" });
     if (!res.ok) throw new Error(`${url}: ${res.status}`);
@@ -93,38 +172,107 @@
   }
 
   async function pollStats() {
+    if (!online) return;
     try {
       const s = await getJSON("/api/stats");
-      setState(s.state);
       $("viewers").textContent = s.viewers.length;
-      if (s.state !== "running") $("fps").textContent = "0.0";
       const now = performance.now();
       const total = s.jpeg.encodes_total;
-      if (pollStats.last) {
+      if (pollStats.last && total >= pollStats.last.total) {
         const rate = (total - pollStats.last.total) / ((now - pollStats.last.t) / 1000);
         $("encodes").textContent = rate.toFixed(1);
       }
       pollStats.last = { total, t: now };
-    } catch (e) { /* the server may be restarting: try again next tick */ }
+    } catch (e) { /* the event stream notices an unreachable server and says so */ }
   }
 
+  // An IoT payload for people: probabilities in percent to 3 significant digits.
+  const pct3 = (p) => `${Number((p * 100).toPrecision(3))}%`;
+  const round3 = (_key, v) => (typeof v === "number" && !Number.isInteger(v) ? Number(v.toPrecision(3)) : v);
+
+  function describePayload(text) {
+    let data;
+    try { data = JSON.parse(text); } catch (e) { return text; } // a status line: "... loaded"
+    if (data === null || typeof data !== "object" || Array.isArray(data)) return JSON.stringify(data, round3);
+    // The rich payload carries the seed's {label: prob} as "payload": that is the news.
+    const labels = data.payload && typeof data.payload === "object" && Array.isArray(data.results) ? data.payload : data;
+    const entries = Object.entries(labels);
+    if (!entries.length) return "nothing above the threshold";
+    if (!entries.every(([, v]) => typeof v === "number")) return JSON.stringify(data, round3);
+    return entries.map(([k, v]) => `${k} ${v >= 0 && v <= 1 ? pct3(v) : round3("", v)}`).join(" · ");
+  }
+
+  const fmtTime = (t) => new Date(t * 1000).toLocaleTimeString();
+
+  // Consecutive messages that read the same once rounded are one row with a count; the row
+  // keeps the newest one's raw text.
+  function groupMessages(messages) {
+    const groups = [];
+    for (const m of messages) {
+      const raw = typeof m.payload === "string" ? m.payload : JSON.stringify(m.payload ?? m);
+      const text = describePayload(raw);
+      const status = m.status && m.status !== "sent" ? m.status : "";
+      const key = `${m.topic || ""}\n${status}\n${text}`;
+      const last = groups[groups.length - 1];
+      if (last && last.key === key) {
+        last.count += 1;
+        last.time = m.time ?? last.time;
+        last.raw = raw;
+      } else {
+        const time = m.time ?? m.timestamp ?? null;
+        groups.push({ key, text, status, raw, topic: m.topic || "", count: 1, first: time, time });
+      }
+    }
+    return groups.reverse();
+  }
+
+  let iotSignature = "";
   async function pollIot() {
+    if (!online) return;
     try {
       const messages = await getJSON("/api/iot/messages");
+      const newest = messages[messages.length - 1];
+      const signature = `${messages.length}:${newest ? newest.time : ""}`;
+      if (signature === iotSignature) return;
+      iotSignature = signature;
       const list = $("iot");
-      const rows = messages.slice(-20).reverse().map((m) => {
+      const open = new Set([...list.querySelectorAll("details[open]")].map((d) => d.dataset.key));
+      const rows = groupMessages(messages).map((g) => {
         const li = document.createElement("li");
-        const when = m.time ?? m.timestamp;
-        if (when) {
-          const t = document.createElement("span");
-          t.className = "when";
-          t.textContent = new Date(when * 1000).toLocaleTimeString();
-          li.append(t);
+        li.dataset.time = String(g.time ?? "");
+        const details = document.createElement("details");
+        // Keyed by the run's first message, so a row someone opened stays open as it grows.
+        details.dataset.key = `${g.first}\n${g.key}`;
+        details.open = open.has(details.dataset.key);
+        const summary = document.createElement("summary");
+        if (g.time != null) {
+          const when = document.createElement("span");
+          when.className = "when";
+          when.textContent = fmtTime(g.time);
+          if (g.count > 1 && g.first != null) when.title = `${g.count} messages, ${fmtTime(g.first)} – ${fmtTime(g.time)}`;
+          summary.append(when);
         }
         const text = document.createElement("span");
-        const payload = m.payload !== undefined ? m.payload : m;
-        text.textContent = (m.topic ? m.topic + " " : "") + (typeof payload === "string" ? payload : JSON.stringify(payload));
-        li.append(text);
+        text.className = "text";
+        text.textContent = g.text;
+        summary.append(text);
+        if (g.count > 1) {
+          const count = document.createElement("span");
+          count.className = "count";
+          count.textContent = `×${g.count}`;
+          summary.append(count);
+        }
+        if (g.status) {
+          const status = document.createElement("span");
+          status.className = "status";
+          status.textContent = g.status;
+          summary.append(status);
+        }
+        const raw = document.createElement("pre");
+        raw.className = "raw";
+        raw.textContent = (g.topic ? g.topic + "\n" : "") + g.raw;
+        details.append(summary, raw);
+        li.append(details);
         return li;
       });
       list.replaceChildren(...rows);
@@ -144,10 +292,13 @@
     return `request failed (HTTP ${status})`;
   }
 
-  // Outline the field a 422 names; the next successful change clears it.
-  function markInvalid(data) {
-    const fields = data && Array.isArray(data.detail)
+  function invalidFields(data) {
+    return data && Array.isArray(data.detail)
       ? data.detail.map((d) => (Array.isArray(d.loc) ? d.loc[d.loc.length - 1] : "")) : [];
+  }
+
+  // Outline the field a 422 names; the next successful change clears it.
+  function markInvalid(fields) {
     fields.forEach((f) => { const el = document.getElementById(f); if (el) el.setAttribute("aria-invalid", "true"); });
   }
 
@@ -167,6 +318,7 @@
     if (ok) okTimer = setTimeout(() => { okEl.hidden = true; }, 2500);
   }
 
+  // Resolves to [ok, data]: data is the JSON body (or null), shown as an error when not ok.
   async function send(method, url, payload, busyEl) {
     if (busyEl) busyEl.setAttribute("aria-busy", "true");
     try {
@@ -178,47 +330,88 @@
       });
       let data = null;
       try { data = await res.json(); } catch (e) { /* an empty or non-JSON body */ }
-      if (!res.ok) {
-        showResult(describeError(data, res.status), null);
-        markInvalid(data);
-        return null;
-      }
-      return data;
+      if (!res.ok) showResult(describeError(data, res.status), null);
+      return [res.ok, data];
     } catch (e) {
       showResult("The dashboard did not answer: " + e.message, null);
-      return null;
+      return [false, null];
     } finally {
       if (busyEl) busyEl.removeAttribute("aria-busy");
     }
   }
 
-  function fillSettings(s) {
-    $("threshold").value = s.threshold;
-    $("threshold-range").value = s.threshold;
-    $("top_k").value = s.top_k;
-    $("display_res").value = s.display_res;
-    $("overlay").checked = !!s.overlay;
-    $("model").value = s.model;
-    $("source").value = s.source;
+  // The live settings, as the server last pushed or answered them; each control shows its value
+  // except while someone is typing into it (focused and changed) or its change is on the way.
+  let live = null;
+  const pending = new Set();
+  const CONTROLS = {
+    threshold: ["threshold", "threshold-range"],
+    top_k: ["top_k"],
+    display_res: ["display_res"],
+    overlay: ["overlay"],
+    model: ["model"],
+    source: ["source"],
+  };
+  const shown = {};
+
+  function readControl(el) {
+    return el.type === "checkbox" ? el.checked : el.value;
+  }
+
+  function typing(field) {
+    return CONTROLS[field].some((id) => {
+      const el = $(id);
+      // A select or a checkbox applies at once: focused after a click is not "being edited".
+      if (el.tagName === "SELECT" || el.type === "checkbox") return false;
+      return el === document.activeElement && String(readControl(el)) !== String(shown[id]);
+    });
+  }
+
+  function fillField(field, force) {
+    if (!live || !(field in live)) return;
+    if (!force && (pending.has(field) || typing(field))) return;
+    for (const id of CONTROLS[field]) {
+      const el = $(id);
+      const value = field === "overlay" ? !!live[field] : String(live[field] ?? "");
+      if (el.type === "checkbox") el.checked = value; else el.value = value;
+      shown[id] = readControl(el);
+    }
+  }
+
+  function followConfig(settings) {
+    live = settings;
+    Object.keys(CONTROLS).forEach((field) => fillField(field, false));
   }
 
   async function patch(changes, busyEl) {
-    const settings = await send("PATCH", "/api/config", changes, busyEl);
-    if (settings) {
+    const fields = Object.keys(changes);
+    fields.forEach((f) => pending.add(f));
+    let ok, data;
+    try {
+      [ok, data] = await send("PATCH", "/api/config", changes, busyEl);
+    } finally {
+      fields.forEach((f) => pending.delete(f));
+    }
+    if (ok && data) {
       clearInvalid();
-      fillSettings(settings);
-      showResult(null, "Applied: " + Object.keys(changes).join(", "));
+      followConfig(data);
+      showResult(null, "Applied: " + fields.join(", "));
+    } else {
+      const refused = invalidFields(data);
+      markInvalid(refused);
+      // The box must not keep a value the server refused: back to the one in use.
+      fields.forEach((f) => fillField(f, true));
     }
   }
 
   function wireControls() {
     document.querySelectorAll("[data-action]").forEach((button) => {
       button.addEventListener("click", async () => {
-        const data = await send("POST", "/api/pipeline/" + button.dataset.action, null, button);
-        if (data) {
-          setState(data.state);
-          showResult(null, `Pipeline ${data.state}`);
+        const [ok, data] = await send("POST", "/api/pipeline/" + button.dataset.action, null, button);
+        if (ok && data) {
+          showResult(null, data.changed === false ? `Already ${data.state}` : `Pipeline ${data.state}`);
         }
+        applyButtons(); // the state event brings the new ones; a refused click leaves the old
       });
     });
     const threshold = $("threshold");
@@ -238,6 +431,14 @@
       const apply = () => patch({ [field]: input.value.trim() }, button);
       button.addEventListener("click", apply);
       input.addEventListener("keydown", (e) => { if (e.key === "Enter") apply(); });
+    });
+    // Leaving a field without applying it: it shows the live value again, not a stale draft.
+    // Its Load/Open button belongs to it (a click there is how the draft is applied).
+    Object.keys(CONTROLS).forEach((field) => {
+      const group = $(CONTROLS[field][0]).closest(".pair") || $(CONTROLS[field][0]);
+      group.addEventListener("focusout", (e) => {
+        if (!group.contains(e.relatedTarget)) setTimeout(() => fillField(field, false), 0);
+      });
     });
   }
 
