@@ -44,7 +44,8 @@ def colour_for(label: int) -> tuple[int, int, int]:
 def _text_with_background(
     frame: Image, text: str, org: tuple[int, int], scale: float, colour: tuple[int, int, int],
     thickness: int,
-) -> None:
+) -> int:
+    """Draws ``text`` with its baseline at ``org``, kept inside the frame; the plate's last row."""
     (tw, th), base = cv2.getTextSize(text, FONT, scale, thickness)
     x, y = org
     x = min(max(0, x), max(0, frame.shape[1] - tw - 4))
@@ -52,23 +53,79 @@ def _text_with_background(
     # A dark plate under the text keeps it readable on any background.
     cv2.rectangle(frame, (x, y - th - 4), (x + tw + 4, y + base + 2), (0, 0, 0), -1)
     cv2.putText(frame, text, (x + 2, y), FONT, scale, colour, thickness, cv2.LINE_AA)
+    return int(y + base + 2)
+
+
+# Classification lines, sized for a 480-row frame and scaled with the height: the top label's
+# baseline, the other lines' font at full size and at the smallest still legible, the gap
+# between two plates, and the rows kept clear at the bottom for the fps and error lines.
+_TOP_Y, _FONT, _MIN_FONT, _GAP, _STATUS_ROWS = 50, 0.7, 0.45, 5, 45
+
+
+def _gap(s: float) -> int:
+    return max(2, int(round(_GAP * s)))
+
+
+def _plate_height(font: float, thickness: int, gap: int) -> int:
+    (_, th), base = cv2.getTextSize("Ag 0.0%", FONT, font, thickness)
+    return th + base + 6 + gap  # as _text_with_background draws it, and the gap below
+
+
+def _top_style(s: float) -> tuple[float, int]:
+    return 1.1 * s, max(1, int(round(2.5 * s)))
+
+
+def _layout(height: int, count: int) -> tuple[float, int, int]:
+    """(font, thickness, lines) for ``count`` results on a frame of ``height`` rows: every line
+    at full size when they fit, else smaller down to _MIN_FONT, else as many lines as fit at that
+    size (the last then says how many more there are)."""
+    s = height / 480.0
+    font, thickness = _top_style(s)
+    (_, th), base = cv2.getTextSize("Ag 0.0%", FONT, font, thickness)
+    gap = _gap(s)
+    top_bottom = max(th + 4, int(_TOP_Y * s)) + base + 2 + gap
+    room = height - _STATUS_ROWS * s - top_bottom
+    rest = count - 1
+    font = _FONT * s
+    while True:
+        thickness = max(1, int(round(1.5 * font / 0.7)))
+        fit = max(0, int(room // _plate_height(font, thickness, gap)))
+        if fit >= rest or font <= _MIN_FONT * s:
+            break
+        font = max(_MIN_FONT * s, font * 0.92)
+    return font, thickness, 1 + min(rest, fit)
+
+
+def classification_lines(height: int, count: int) -> int:
+    """How many lines ``count`` classification results take on a frame of ``height`` rows."""
+    return _layout(height, count)[2] if count else 0
 
 
 def draw_classification(frame: Image, items: Sequence[Item]) -> None:
-    """The seed's style: the top label near the top-left, large, with its probability."""
+    """The seed's style: the top label near the top-left, large, with its probability; below it
+    one line per further result (the loop keeps --top-k of them). Lines that do not fit above
+    the fps line are drawn smaller, down to a legible minimum; past that the last line that fits
+    says how many more there are (all of them are in /results)."""
     if not items:
         return
     s = _scale(frame)
     top = items[0]
-    _text_with_background(
-        frame, f"{top.name} {top.prob * 100:.1f}%", (int(10 * s), int(50 * s)), 1.1 * s,
-        SEED_COLOUR, max(1, int(round(2.5 * s))),
+    top_font, top_thickness = _top_style(s)
+    bottom = _text_with_background(
+        frame, f"{top.name} {top.prob * 100:.1f}%", (int(10 * s), int(_TOP_Y * s)), top_font,
+        SEED_COLOUR, top_thickness,
     )
-    for i, item in enumerate(items[1:4], start=1):
-        _text_with_background(
-            frame, f"{item.name} {item.prob * 100:.1f}%", (int(10 * s), int((50 + 34 * i) * s)),
-            0.7 * s, (230, 230, 230), max(1, int(round(1.5 * s))),
-        )
+    font, thickness, lines = _layout(frame.shape[0], len(items))
+    gap = _gap(s)
+    rest = items[1:]
+    for i in range(lines - 1):
+        if i == lines - 2 and lines - 1 < len(rest):
+            text = f"+{len(rest) - i} more"
+        else:
+            text = f"{rest[i].name} {rest[i].prob * 100:.1f}%"
+        (_, th), _ = cv2.getTextSize(text, FONT, font, thickness)
+        bottom = _text_with_background(frame, text, (int(10 * s), bottom + gap + th + 4), font,
+                                       (230, 230, 230), thickness)
 
 
 def draw_boxes(frame: Image, items: Sequence[Item]) -> None:
