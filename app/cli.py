@@ -2,8 +2,9 @@
 
 The options are generated from the settings model (:mod:`inference.settings`): one flag per
 setting, its environment variable ``DEEPLENS_<OPTION>`` and a TOML file (``--config``) below
-both. This module owns every exit code: 0 done, 1 could not start (the port is taken), 2 a bad
-value (the message names the option, or the env var, or the file's line), 130 interrupted.
+both. This module owns every exit code: 0 done, 1 could not start (the port is taken; ``infer``:
+no frame could be inferred), 2 a bad value (the message names the option, or the env var, or the
+file's line), 130 interrupted.
 """
 
 from __future__ import annotations
