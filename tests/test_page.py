@@ -160,6 +160,16 @@ def test_page_follows_changes_made_by_another_client(browser: Any, srv: Running)
             page.wait_for_function("() => document.getElementById('top_k').value === '3'")
             assert client.get("/api/config").json()["top_k"] == 3
 
+            # A value applied from the page is no draft: the box follows later changes even
+            # while it keeps the focus.
+            page.fill("#threshold", "0.35")
+            page.press("#threshold", "Enter")
+            page.wait_for_function("() => document.getElementById('control-ok').textContent"
+                                   ".includes('threshold')")
+            assert client.patch("/api/config", json={"threshold": 0.45}).status_code == 200
+            page.wait_for_function("() => document.getElementById('threshold').value === '0.45'")
+            assert page.evaluate("() => document.activeElement.id") == "threshold"
+
             # What someone is typing is not overwritten by a change pushed meanwhile...
             page.fill("#source", "rtsp://half-typed")
             assert client.patch("/api/config", json={"threshold": 0.4,

@@ -395,6 +395,8 @@
     if (ok && data) {
       clearInvalid();
       followConfig(data);
+      // What was just applied is no longer a draft, though the box may keep the focus.
+      fields.forEach((f) => fillField(f, true));
       showResult(null, "Applied: " + fields.join(", "));
     } else {
       const refused = invalidFields(data);
