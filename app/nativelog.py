@@ -22,7 +22,7 @@ import re
 import sys
 import threading
 import time
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 log = logging.getLogger("native")
 
@@ -42,6 +42,9 @@ class NativeStderr:
         self._read: Optional[int] = None
         self._thread: Optional[threading.Thread] = None
         self._last: Dict[str, float] = {}
+        self._moved: List[Tuple[logging.StreamHandler, Any]] = []  # type: ignore[type-arg]
+        self._old_stderr: Optional[Any] = None
+        self._stream: Optional[io.TextIOWrapper] = None
 
     def start(self) -> None:
         if self._thread is not None:
@@ -50,11 +53,14 @@ class NativeStderr:
         self._saved = os.dup(2)
         stream = io.TextIOWrapper(io.FileIO(os.dup(self._saved), "w"), encoding="utf-8",
                                   errors="backslashreplace", line_buffering=True)
-        old = sys.stderr
+        # Whatever writes to descriptor 2 from Python moves to the copy (and back at stop);
+        # a redirected sys.stderr (a test's StringIO) is left as it is.
         for handler in logging.getLogger().handlers:
-            if isinstance(handler, logging.StreamHandler) and handler.stream is old:
-                handler.setStream(stream)
-        sys.stderr = stream
+            if isinstance(handler, logging.StreamHandler) and _on_fd2(handler.stream):
+                self._moved.append((handler, handler.setStream(stream)))
+        if _on_fd2(sys.stderr):
+            self._old_stderr, sys.stderr = sys.stderr, stream
+        self._stream = stream
         read, write = os.pipe()
         os.dup2(write, 2)
         os.close(write)
@@ -71,6 +77,15 @@ class NativeStderr:
         self._saved = None
         self._thread.join(timeout)
         self._thread = None
+        for handler, old in self._moved:
+            handler.setStream(old)
+        self._moved.clear()
+        if self._old_stderr is not None:
+            sys.stderr, self._old_stderr = self._old_stderr, None
+        if self._stream is not None:
+            self._stream.flush()
+            self._stream.close()
+            self._stream = None
 
     def _run(self) -> None:
         assert self._read is not None
@@ -92,6 +107,13 @@ class NativeStderr:
             self._last.clear()
         self._last[key] = now
         log.log(level, "%s", text)
+
+
+def _on_fd2(stream: Any) -> bool:
+    try:
+        return int(stream.fileno()) == 2
+    except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation is an OSError
+        return False
 
 
 __all__ = ["NativeStderr"]
