@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Generator, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Optional
 
@@ -23,7 +24,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from app.main import begin_shutdown, create_app
-from app.security import RedactTokens
+from app.security import RedactTokens, TokenFileError, default_token_file, keep_token, new_token
 from inference.service import Service
 from inference.settings import Settings
 
@@ -106,8 +107,26 @@ def create_server(service: Service, fallbacks: Sequence[str] = ()) -> DashboardS
     access = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, RedactTokens) for f in access.filters):
         access.addFilter(RedactTokens())
-    app = create_app(service, fallbacks=fallbacks)
+    app = create_app(service, token=control_token(service.settings), fallbacks=fallbacks)
     return DashboardServer(_uvicorn_config(app, service.settings), app)
+
+
+def control_token(settings: Settings) -> str:
+    """``--token``; else the one kept in ``--token-file`` (made at the first start), so a
+    bookmarked control URL and an open page survive a restart; else one for this run."""
+    if settings.token:
+        return settings.token
+    if settings.token_file.lower() == "off":
+        return new_token()
+    path = Path(settings.token_file).expanduser() if settings.token_file else default_token_file()
+    try:
+        token, made = keep_token(path)
+    except TokenFileError as exc:
+        log.error("control token: %s; using a new token for this run only", exc)
+        return new_token()
+    log.info("control token %s %s (delete it for a new token)",
+             "kept in" if made else "read from", path)
+    return token
 
 
 def bind_socket(host: str, port: int) -> socket.socket:

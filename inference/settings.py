@@ -267,6 +267,10 @@ class Settings(BaseModel):
                     metavar="PORT", ge=1, le=65535)
     token: str = opt("", "control token for changing settings (default: generated at start and "
                      "logged once)", group="server", metavar="TOKEN", secret=True)
+    token_file: str = opt("", "file a generated token is kept in (owner-only), so it survives "
+                          "restarts (default: $XDG_STATE_HOME/deeplens-dashboard/token, else "
+                          "~/.local/state/deeplens-dashboard/token; off: a new token each start); "
+                          "a --token is never written", group="server", metavar="PATH|off")
     protect_views: bool = opt(False, "require the token for the stream, snapshot and results too",
                               group="server", metavar="on|off")
     max_viewers: Count = opt(64, "concurrent MJPEG viewers allowed, and SSE subscribers; beyond: 503",

@@ -49,6 +49,13 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _state_home(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Dashboards the tests start keep a generated control token in $XDG_STATE_HOME: never in
+    the tester's own home."""
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+
+
 @pytest.fixture
 def fake_device(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """Put the fake awscam / mo / greengrasssdk modules first on the import path."""

@@ -409,3 +409,82 @@ def test_tls_options_that_cannot_work_exit_2_naming_the_option(tls_pair: dict[st
         assert code == 2, (args, err)
         assert re.search(rf"error: {option}\b", err), (args, err)
         assert "Traceback" not in err
+
+
+# -- the generated token survives restarts ------------------------------------------------------------
+def _start_and_read_token(port: int, env: dict[str, str], *args: str) -> tuple[str, str]:
+    """Start the CLI, wait for its start-up lines, stop it with SIGTERM: (the URL's token, the log)."""
+    import os
+    import signal
+    import sys
+    import threading
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(port), "--source",
+         "synthetic:160x120@10", "--model", "catdog", "--fifo", "off", "--iot", "off", *args],
+        cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT), **env}, text=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    lines: list[str] = []
+    seen = threading.Event()
+
+    def drain() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "control (" in line or "control: open" in line:  # served, signals handled
+                seen.set()
+
+    reader = threading.Thread(target=drain, name="cli-stderr", daemon=True)
+    reader.start()
+    try:
+        assert seen.wait(90), "".join(lines)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(5)
+    log = "".join(lines)
+    found = re.search(r"\?token=(\S+)", log)
+    return (found.group(1) if found else ""), log
+
+
+def test_a_generated_token_is_kept_owner_only_and_reused_at_the_next_start(tmp_path: Path) -> None:
+    import stat
+
+    state = tmp_path / "state"
+    env = {"XDG_STATE_HOME": str(state)}
+    first, log1 = _start_and_read_token(free_port(), env)
+    second, log2 = _start_and_read_token(free_port(), env)
+    kept = state / "deeplens-dashboard" / "token"
+    assert first and first == second, "the bookmarked control URL still works after a restart"
+    assert kept.read_text().strip() == first
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+    assert stat.S_IMODE(kept.parent.stat().st_mode) == 0o700
+    for log in (log1, log2):
+        assert str(kept) in log, "the path is logged"
+        assert log.count(first) == 1, "the token only in the control URL line"
+    # --token-file chooses the file; off: a new token each start; a given --token is never written.
+    mine = tmp_path / "conf" / "dashboard.token"
+    third, _ = _start_and_read_token(free_port(), env, "--token-file", str(mine))
+    assert third != first and mine.read_text().strip() == third
+    off, _ = _start_and_read_token(free_port(), env, "--token-file", "off")
+    assert off not in (first, third)
+    given = tmp_path / "given.token"
+    _, log = _start_and_read_token(free_port(), env, "--token", "my-own-token-0123456789",
+                                   "--token-file", str(given))
+    assert not given.exists() and "my-own-token" not in log
+
+
+def test_a_token_file_others_can_read_is_refused_and_left_alone(tmp_path: Path) -> None:
+    kept = tmp_path / "token"
+    kept.write_text("leaked-token-0123456789abcdef\n")
+    kept.chmod(0o644)
+    token, log = _start_and_read_token(free_port(), {}, "--token-file", str(kept))
+    assert token and token != "leaked-token-0123456789abcdef"
+    assert f"{kept} can be read by others (mode 644)" in log and "chmod 600" in log, log
+    assert kept.read_text() == "leaked-token-0123456789abcdef\n"
+    assert "leaked-token" not in log
