@@ -126,7 +126,7 @@ CANDIDATES = ["abc", "", "-1", "0", "1.5", "99999999", "1e309", "nan", "-inf", "
 # test_iot): no value is wrong for the parser itself.
 FREE_TEXT = {"source", "model", "labels", "token", "ssl_certfile", "ssl_keyfile", "mqtt_ca", "mqtt_cert",
              "mqtt_key", "thing_name", "mqtt_client_id", "mqtt_username", "mqtt_password",
-             "mqtt_password_file"}
+             "mqtt_password_file", "token_file"}
 
 
 def flag_of(name: str) -> str:
