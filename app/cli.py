@@ -365,6 +365,7 @@ def run_infer(settings: Settings, frames: Optional[int] = None, save: Optional[s
 
     service.hub.add_listener(take)
     service.start()
+    stopping = _stop_on_hangup()
     seen = inferred = 0
     last_error = ""
     idle = 30.0
@@ -396,6 +397,7 @@ def run_infer(settings: Settings, frames: Optional[int] = None, save: Optional[s
     except KeyboardInterrupt:
         pass
     finally:
+        stopping()
         done.set()
         service.stop()
     if seen and not inferred:
@@ -403,6 +405,23 @@ def run_infer(settings: Settings, frames: Optional[int] = None, save: Optional[s
                   seen, seen, last_error)
         return EXIT_START
     return EXIT_OK
+
+
+def _stop_on_hangup() -> Any:
+    """SIGHUP (a closed terminal or ssh session) and SIGTERM end ``infer`` as Ctrl-C does: the
+    service stopped and the exit code its frames earned, not a death by signal. Returns what puts
+    the previous handlers back."""
+    import signal
+    import threading
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+    previous = {sig: signal.signal(sig, interrupt)
+                for sig in (getattr(signal, n) for n in ("SIGHUP", "SIGTERM") if hasattr(signal, n))}
+    return lambda: [signal.signal(sig, handler) for sig, handler in previous.items()]
 
 
 def _walk_once(settings: Settings) -> Any:

@@ -3,11 +3,13 @@
 We bind the listening socket ourselves so a port in use is a clear error before anything starts,
 and a server thread can report "bound" to its caller. Open MJPEG/SSE streams never end on their
 own, and uvicorn's graceful shutdown waits for them, so :class:`DashboardServer` tells the app to
-end its streams as the first step of shutting down.
+end its streams as the first step of shutting down. Each connection goes through
+:mod:`app.edge` (head size, head timeout, a cap on open connections) before the app sees it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
 import logging
@@ -23,6 +25,7 @@ from typing import Optional
 import uvicorn
 from fastapi import FastAPI
 
+from app.edge import Edge, EdgeLimits
 from app.main import begin_shutdown, create_app
 from app.security import RedactTokens, TokenFileError, default_token_file, keep_token, new_token
 from inference.service import Service
@@ -35,6 +38,11 @@ SEND_BUFFER = 256 * 1024
 # our streams end well before (they watch the shutdown), this only bounds a stuck handler.
 GRACEFUL_SECONDS = 1
 
+# SIGHUP too: a closed terminal or session (ssh, tmux, nohup-less runs) sends it, and its default
+# kills the process with no graceful stop (the last IoT result and the FIFO's end lost).
+HANDLED_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP")
+                        if hasattr(signal, name))
+
 __all__ = ["DashboardServer", "PortInUseError", "ServerThread", "bind_socket", "create_server",
            "log_urls", "run_in_thread"]
 
@@ -46,13 +54,16 @@ class PortInUseError(OSError):
 class DashboardServer(uvicorn.Server):
     """uvicorn.Server that ends the app's streams first on shutdown and keeps signals to itself."""
 
-    def __init__(self, config: uvicorn.Config, app: FastAPI) -> None:
+    def __init__(self, config: uvicorn.Config, app: FastAPI, edge: Optional[Edge] = None) -> None:
         super().__init__(config)
         self.app = app
+        self.edge = edge
         self.bound = threading.Event()
         self.on_started: Callable[[], None] | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.edge is not None:
+            self.edge.start()  # the cap counts what the service has open by now
         await super().startup(sockets)
         if self.started:
             self.bound.set()
@@ -70,13 +81,23 @@ class DashboardServer(uvicorn.Server):
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        handled = (signal.SIGINT, signal.SIGTERM)
-        original = {sig: signal.signal(sig, self._on_signal) for sig in handled}
+        original = {sig: signal.signal(sig, self._on_signal) for sig in HANDLED_SIGNALS}
         try:
             yield
         finally:
             for sig, handler in original.items():
                 signal.signal(sig, handler)
+
+    def install_signal_handlers(self) -> None:
+        # uvicorn < 0.29 (the device's 0.22) has no capture_signals and calls this instead.
+        install = getattr(super(), "install_signal_handlers", None)
+        if install is None or threading.current_thread() is not threading.main_thread():
+            return
+        install()
+        loop = asyncio.get_event_loop()
+        for sig in HANDLED_SIGNALS:
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.add_signal_handler(sig, self._on_signal, sig, None)
 
     def _on_signal(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit and sig == signal.SIGINT:
@@ -85,9 +106,11 @@ class DashboardServer(uvicorn.Server):
             self.should_exit = True
 
 
-def _uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+def _uvicorn_config(app: FastAPI, settings: Settings, edge: Edge) -> uvicorn.Config:
     return uvicorn.Config(
         app,
+        http=edge.protocol_class(),
+        timeout_keep_alive=edge.limits.keep_alive,
         host=settings.host,
         port=settings.port,
         ssl_certfile=settings.ssl_certfile or None,
@@ -101,14 +124,18 @@ def _uvicorn_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     )
 
 
-def create_server(service: Service, fallbacks: Sequence[str] = ()) -> DashboardServer:
+def create_server(service: Service, fallbacks: Sequence[str] = (),
+                  limits: Optional[EdgeLimits] = None) -> DashboardServer:
     """The uvicorn server of ``service``'s dashboard; its token is ``server.app.state.token``;
-    ``fallbacks`` as in :func:`create_app`."""
+    ``fallbacks`` as in :func:`create_app`; ``limits`` on connections (:mod:`app.edge`), its
+    counts in ``server.app.state.edge``."""
     access = logging.getLogger("uvicorn.access")
     if not any(isinstance(f, RedactTokens) for f in access.filters):
         access.addFilter(RedactTokens())
     app = create_app(service, token=control_token(service.settings), fallbacks=fallbacks)
-    return DashboardServer(_uvicorn_config(app, service.settings), app)
+    edge = Edge(limits or EdgeLimits())
+    app.state.edge = edge
+    return DashboardServer(_uvicorn_config(app, service.settings, edge), app, edge)
 
 
 def control_token(settings: Settings) -> str:
