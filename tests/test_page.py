@@ -295,3 +295,27 @@ def test_iot_panel_collapses_repeats_and_rounds_probabilities(browser: Any) -> N
             page.screenshot(path="/tmp/page-iot.png", full_page=True)
         finally:
             page.close()
+
+
+def test_the_page_names_the_file_each_result_came_from(browser: Any, tmp_path: Any) -> None:
+    import cv2
+    import numpy as np
+
+    for name, value in (("first.png", 40), ("second.png", 200)):
+        cv2.imwrite(str(tmp_path / name), np.full((120, 160, 3), value, np.uint8))
+    with running_server(source=str(tmp_path), slide_interval=0.5) as srv:
+        srv.wait_frames(1)
+        page = open_page(browser, srv.url + "/")
+        try:
+            seen = set()
+            for _ in range(150):  # the slideshow moves on every 0.5 s: both names show in turn
+                page.wait_for_timeout(100)
+                text = page.inner_text("#source-name")
+                if text:
+                    seen.add(text)
+                    assert page.get_attribute("#source-name", "title") == str(tmp_path / text)
+                if len(seen) == 2:
+                    break
+            assert seen == {"first.png", "second.png"}
+        finally:
+            page.close()

@@ -84,6 +84,12 @@
       $("model-name").textContent = `${r.model.name} (${r.model.type})`;
       $("result-kind").textContent = resultKind(r);
     }
+    // The file the frame came from (an image of a folder, a video file); none for a camera.
+    const src = $("source-name");
+    const origin = r.source;
+    src.hidden = !origin;
+    src.textContent = origin ? (origin.frame != null ? `${origin.name} #${origin.frame}` : origin.name) : "";
+    src.title = origin ? origin.path : "";
     const err = $("result-error");
     err.hidden = !r.error;
     err.textContent = r.error || "";
