@@ -14,11 +14,15 @@ import ctypes
 import itertools
 import logging
 import queue
+import struct
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Optional, Tuple, TypeVar
+
+from starlette.types import Message, Send
 
 from inference.pipeline.frames import Frame, FrameHub
 from inference.workers import FunctionWorker
@@ -33,6 +37,15 @@ T = TypeVar("T")
 TICK = 0.25  # how late a waiter may notice a deadline or the shutdown
 ENCODER_THREADS = 2  # a few resolutions in flight at once; the hub serializes each resolution
 FPS_WINDOW = 2.0
+# A viewer or SSE subscriber whose socket takes no byte for this long, while a send of ours waits
+# for it, is disconnected and its slot freed. Progress is any byte the peer's TCP stack accepts,
+# so a reader on a poor link (even a few KB/s, a frame every several seconds) is never evicted
+# for being slow, only for taking nothing. Ten seconds rides out what a live client does: TCP's
+# retransmission backoff after a short Wi-Fi outage (0.2+0.4+...+3.2 s before the 6th retry),
+# a phone changing networks, a browser's busy main thread; a client that took nothing for 10 s
+# while frames kept coming is gone or hostile, and a full cap frees in ~10 s, not never.
+STALL_SECONDS = 10.0
+_SIOCOUTQ = 0x5411  # Linux: bytes in a TCP socket's send queue, sent or not, not yet acked
 
 
 def _settle(future: asyncio.Future[T], result: T | None, error: BaseException | None) -> None:
@@ -92,6 +105,54 @@ async def call_in_thread(name: str, fn: Callable[..., T], *args: Any) -> T:
     # Daemon: a model load that never returns must not keep the process from exiting.
     threading.Thread(target=run, name=name, daemon=True).start()
     return await future
+
+
+def find_transport(*callables: Any) -> asyncio.Transport | None:
+    """The connection's asyncio transport, reached from the ASGI ``receive``/``send`` the server
+    gave (uvicorn's are methods of an object with a ``transport``), through middleware wrappers
+    (closures, partials). ASGI offers no way to drop a connection whose client stopped reading:
+    uvicorn's ``send`` just waits for the buffer to drain, forever. None if not found."""
+    seen: set[int] = set()
+    todo = list(callables)
+    while todo and len(seen) < 64:
+        obj = todo.pop(0)
+        if id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        transport = getattr(getattr(obj, "__self__", None), "transport", None)
+        # Duck-typed: uvloop's transports do not subclass asyncio.Transport.
+        if callable(getattr(transport, "abort", None)) and \
+                callable(getattr(transport, "get_write_buffer_size", None)):
+            return transport
+        for attr in ("__wrapped__", "func"):
+            inner = getattr(obj, attr, None)
+            if callable(inner):
+                todo.append(inner)
+        for cell in getattr(obj, "__closure__", None) or ():
+            try:
+                content = cell.cell_contents
+            except ValueError:  # an empty cell
+                continue
+            if callable(content):
+                todo.append(content)
+    return None
+
+
+def unsent_bytes(transport: asyncio.Transport) -> int:
+    """Bytes written to ``transport`` that the peer has not taken: asyncio's buffer plus, on
+    Linux, the socket's send queue (so progress shows as soon as the peer acks anything, not
+    only when the kernel's buffer has room for another of asyncio's writes)."""
+    size = transport.get_write_buffer_size()
+    sock = transport.get_extra_info("socket")
+    if sock is not None and sys.platform.startswith("linux"):
+        try:
+            import fcntl
+
+            queued = fcntl.ioctl(sock.fileno(), _SIOCOUTQ, b"\0\0\0\0")
+            size += struct.unpack("i", queued)[0]
+        except (OSError, ValueError, ImportError):
+            pass
+    return size
 
 
 _Job = Tuple[str, Frame, asyncio.AbstractEventLoop, "asyncio.Future[Frame]"]
@@ -174,6 +235,49 @@ class Viewer:
     resent: int = 0
     last_seq: int = 0
     _rate: _Rate = field(default_factory=_Rate, repr=False)
+    # The stall watchdog (Broadcaster._tick): the connection, whether a send is waiting on it,
+    # and what the last look saw.
+    transport: Optional[asyncio.Transport] = field(default=None, repr=False)
+    evicted: bool = False
+    in_send: bool = False
+    sends: int = 0
+    _watched_send: int = -1
+    _unsent: int = -1
+    _progress_at: float = 0.0
+
+    def guard(self, send: Send) -> Callable[[Message], Awaitable[None]]:
+        """``send`` marked for the watchdog: two attribute writes per send, no task, no timer."""
+
+        async def guarded(message: Message) -> None:
+            if self.evicted:
+                return  # the watchdog dropped the connection; the stream is ending
+            self.in_send = True
+            try:
+                await send(message)
+            finally:
+                self.in_send = False
+                self.sends += 1
+
+        return guarded
+
+    def stalled(self, now: float, limit: float) -> bool:
+        """True when one send has waited ``limit`` seconds with the peer taking no byte."""
+        if not self.in_send or self.sends != self._watched_send:
+            self._watched_send, self._unsent, self._progress_at = self.sends, -1, now
+            return False
+        if self.transport is not None:
+            unsent = unsent_bytes(self.transport)
+            if self._unsent >= 0 and unsent < self._unsent:
+                self._progress_at = now
+            self._unsent = unsent
+        return now - self._progress_at >= limit
+
+    def evict(self) -> None:
+        self.evicted = True
+        if self.transport is not None:
+            # abort, not close: close() would wait for the peer to take the buffered bytes,
+            # which it never will. uvicorn sees the connection lost and ends the response.
+            self.transport.abort()
 
     def record(self, seq: int, now: float) -> None:
         if seq == self.last_seq:
@@ -225,6 +329,9 @@ class Broadcaster:
         self.frames_sent = 0
         self.frames_skipped = 0  # of viewers that have left; live ones count in Viewer.skipped
         self.rejected = 0
+        self.evicted = 0  # viewers and subscribers dropped for taking no data (STALL_SECONDS)
+        # The last SSE result event, encoded once and shared by every subscriber.
+        self._shared_event: tuple[Hashable, bytes] | None = None
         # Bumped on the event loop for each change of the service's settings or state, so an
         # event stream knows to send them again; a subscriber compares it with what it sent.
         self.changes = 0
@@ -298,7 +405,20 @@ class Broadcaster:
         # timer task per wait.
         while not self._closed:
             await asyncio.sleep(TICK)
+            self._evict_stalled()
             self._wake()
+
+    def _evict_stalled(self) -> None:
+        now = time.monotonic()
+        limit = STALL_SECONDS
+        for viewer in [*self.viewers.values(), *self.subscribers.values()]:
+            if viewer.stalled(now, limit):
+                log.info("%s viewer %d from %s took no data for %.0f s: disconnected",
+                         viewer.kind, viewer.id, viewer.client, limit)
+                viewer.evict()
+                self.evicted += 1
+                # The slot frees now, whatever the response's unwinding takes.
+                self.remove_viewer(viewer)
 
     # -- waiting ---------------------------------------------------------------------------------
     async def wait_newer(self, seq: int, deadline: float, changes: int | None = None) -> bool:
@@ -350,6 +470,16 @@ class Broadcaster:
         pending = self._pending.get(res)
         if pending is not None and pending[1] is future:
             del self._pending[res]
+
+    def shared_event(self, key: Hashable, make: Callable[[], bytes]) -> bytes:
+        """``make()``'s bytes, made once for ``key`` and shared by every subscriber that asks
+        for the same key (on the event loop: no lock)."""
+        shared = self._shared_event
+        if shared is not None and shared[0] == key:
+            return shared[1]
+        data = make()
+        self._shared_event = (key, data)
+        return data
 
     # -- viewers ---------------------------------------------------------------------------------
     def add_viewer(self, client: str, res: str, fps_cap: float | None, limit: int,

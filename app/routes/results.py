@@ -24,8 +24,9 @@ SSE_KEEPALIVE = 15.0  # a comment line this often keeps proxies from closing an 
 SSE_RETRY_MS = 2000
 
 
-def result_json(service: Service, item: Frame | None) -> dict[str, Any]:
-    state = service.state.value
+def result_json(service: Service, item: Frame | None, state: str | None = None) -> dict[str, Any]:
+    """``state``: the pipeline state to show, if the caller has read it already."""
+    state = service.state.value if state is None else state
     if item is None:
         return {"seq": 0, "timestamp": None, "model": None, "results": [], "payload": {},
                 "fps": 0.0, "timings_ms": {}, "error": "no frame yet", "state": state}
@@ -55,7 +56,7 @@ async def _events(broadcaster: Broadcaster, service: Service, viewer: Viewer) ->
     changes = -1  # the settings and state go first, then again after each change
     last_seq = 0
     last_sent = time.monotonic()
-    while not broadcaster.closed:
+    while not broadcaster.closed and not viewer.evicted:
         if changes != broadcaster.changes:
             changes, last_sent = broadcaster.changes, time.monotonic()
             yield control_events(service)
@@ -72,9 +73,19 @@ async def _events(broadcaster: Broadcaster, service: Service, viewer: Viewer) ->
             continue
         last_seq, last_sent = item.seq, time.monotonic()
         broadcaster.record_sent(viewer, item.seq)
-        event = _event(result_json(service, item), item.seq)
+        event = _shared_event(broadcaster, service, item)
         del item  # a slow subscriber waits in the yield: it must not keep the frame alive
         yield event
+
+
+def _shared_event(broadcaster: Broadcaster, service: Service, item: Frame) -> bytes:
+    """The result event of ``item``, JSON-encoded once and shared by every subscriber: the
+    encode is most of an event's cost, and each subscriber's would be the same bytes. The
+    state is part of the key because the event shows it."""
+    state = service.state.value
+    return broadcaster.shared_event(
+        (item.seq, item.timestamp, state),
+        lambda: _event(result_json(service, item, state), item.seq))
 
 
 @router.get(
@@ -99,6 +110,7 @@ async def result_events(request: Request, service: ServiceDep,
     return ClosingStreamingResponse(
         _events(broadcaster, service, viewer),
         on_close=lambda: broadcaster.remove_viewer(viewer),
+        viewer=viewer,
         media_type="text/event-stream",
         headers=NO_STORE,
     )

@@ -11,7 +11,7 @@ from fastapi.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 from typing_extensions import Annotated, Literal
 
-from app.broadcast import Broadcaster, Viewer
+from app.broadcast import Broadcaster, Viewer, find_transport
 from app.deps import BroadcasterDep, ServiceDep, ViewDep
 from app.routes import PrettyJSONResponse
 
@@ -34,15 +34,21 @@ class ClosingStreamingResponse(StreamingResponse):
 
     Starlette cancels a stream whose client left while the generator may sit at a ``yield``;
     closing it here makes the clean-up deterministic instead of waiting for the GC.
+    With a ``viewer``, its sends are watched: a client that takes no data is disconnected by
+    the broadcaster (``STALL_SECONDS``) instead of holding its slot for ever.
     """
 
     def __init__(self, content: AsyncIterator[bytes], on_close: Callable[[], None],
-                 **kwargs: object) -> None:
+                 viewer: Viewer | None = None, **kwargs: object) -> None:
         super().__init__(content, **kwargs)  # type: ignore[arg-type]
         self._generator = content
         self._on_close = on_close
+        self._viewer = viewer
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._viewer is not None:
+            self._viewer.transport = find_transport(receive, send)
+            send = self._viewer.guard(send)
         try:
             await super().__call__(scope, receive, send)
         finally:
@@ -67,7 +73,7 @@ async def _parts(broadcaster: Broadcaster, viewer: Viewer, res: str) -> AsyncIte
     min_interval = 1.0 / viewer.fps_cap if viewer.fps_cap else 0.0
     last_seq = 0
     last_sent = 0.0
-    while not broadcaster.closed:
+    while not broadcaster.closed and not viewer.evicted:
         if min_interval and last_sent:
             if not await broadcaster.sleep_until(last_sent + min_interval):
                 break
@@ -126,6 +132,7 @@ async def stream(
     return ClosingStreamingResponse(
         _parts(broadcaster, viewer, res),
         on_close=lambda: broadcaster.remove_viewer(viewer),
+        viewer=viewer,
         media_type=f"multipart/x-mixed-replace; boundary={BOUNDARY}",
         headers=NO_STORE,
     )
