@@ -140,8 +140,8 @@ def find_transport(*callables: Any) -> asyncio.Transport | None:
 
 def unsent_bytes(transport: asyncio.Transport) -> int:
     """Bytes written to ``transport`` that the peer has not taken: asyncio's buffer plus, on
-    Linux, the socket's send queue (so progress shows as soon as the peer acks anything, not
-    only when the kernel's buffer has room for another of asyncio's writes)."""
+    Linux, the socket's send queue (sent or not, unacknowledged), so a peer that takes nothing
+    shows as soon as its receive window closes, not once our buffers are full too."""
     size = transport.get_write_buffer_size()
     sock = transport.get_extra_info("socket")
     if sock is not None and sys.platform.startswith("linux"):
@@ -235,18 +235,20 @@ class Viewer:
     resent: int = 0
     last_seq: int = 0
     _rate: _Rate = field(default_factory=_Rate, repr=False)
-    # The stall watchdog (Broadcaster._tick): the connection, whether a send is waiting on it,
-    # and what the last look saw.
+    # The stall watchdog (Broadcaster._tick): the connection, what our sends gave it, and what
+    # the last look saw.
     transport: Optional[asyncio.Transport] = field(default=None, repr=False)
     evicted: bool = False
     in_send: bool = False
     sends: int = 0
-    _watched_send: int = -1
+    written: int = 0
+    _seen_send: int = -1
+    _seen_written: int = 0
     _unsent: int = -1
-    _progress_at: float = 0.0
+    _progress_at: float = field(default_factory=time.monotonic)
 
     def guard(self, send: Send) -> Callable[[Message], Awaitable[None]]:
-        """``send`` marked for the watchdog: two attribute writes per send, no task, no timer."""
+        """``send`` counted for the watchdog: a few attribute writes per send, no task, no timer."""
 
         async def guarded(message: Message) -> None:
             if self.evicted:
@@ -254,6 +256,9 @@ class Viewer:
             self.in_send = True
             try:
                 await send(message)
+                # Counted once sent, and without the server's framing: the watchdog may see
+                # less taken than was, never more (which would keep a dead client).
+                self.written += len(message.get("body", b""))
             finally:
                 self.in_send = False
                 self.sends += 1
@@ -261,15 +266,22 @@ class Viewer:
         return guarded
 
     def stalled(self, now: float, limit: float) -> bool:
-        """True when one send has waited ``limit`` seconds with the peer taking no byte."""
-        if not self.in_send or self.sends != self._watched_send:
-            self._watched_send, self._unsent, self._progress_at = self.sends, -1, now
-            return False
-        if self.transport is not None:
-            unsent = unsent_bytes(self.transport)
-            if self._unsent >= 0 and unsent < self._unsent:
-                self._progress_at = now
-            self._unsent = unsent
+        """True when the peer has had bytes waiting and taken none of them for ``limit`` s.
+
+        With the transport: what waits for the peer (asyncio's buffer and the kernel's send
+        queue) against what we gave since the last look tells whether it took anything, even
+        while our sends go into the kernel's buffer without waiting (small SSE events take
+        minutes to fill it). Without: one send waiting ``limit`` s for the buffer to drain."""
+        if self.transport is None:
+            if not self.in_send or self.sends != self._seen_send:
+                self._seen_send, self._progress_at = self.sends, now
+            return now - self._progress_at >= limit
+        unsent = unsent_bytes(self.transport)
+        given, self._seen_written = self.written - self._seen_written, self.written
+        taken = self._unsent + given - unsent if self._unsent >= 0 else 0
+        self._unsent = unsent
+        if unsent == 0 or taken > 0:
+            self._progress_at = now
         return now - self._progress_at >= limit
 
     def evict(self) -> None:

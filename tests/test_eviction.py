@@ -84,9 +84,10 @@ def closed_by_server(sock: socket.socket, timeout: float) -> bool:
 def test_viewers_and_subscribers_that_never_read_are_evicted_and_a_new_one_gets_in(
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr("app.broadcast.STALL_SECONDS", TEST_STALL, raising=False)
-    # 200 fps of small frames: the SSE events (a few hundred bytes each) fill the server's
-    # socket buffers in seconds too.
-    with running_server(source="synthetic:640x360@200", max_viewers=2) as srv, ExitStack() as stack:
+    # At 30 events/s of a few hundred bytes, the server's socket buffers would take half a
+    # minute to fill: a subscriber must be found out by what its socket takes, not by our
+    # sends blocking.
+    with running_server(source="synthetic:640x360@30", max_viewers=2) as srv, ExitStack() as stack:
         bc = broadcaster(srv)
         stuck = [stack.enter_context(raw_request(srv, path))
                  for path in ("/stream.mjpg", "/stream.mjpg", "/results/events", "/results/events")]
@@ -94,9 +95,10 @@ def test_viewers_and_subscribers_that_never_read_are_evicted_and_a_new_one_gets_
         assert status_of(srv, "/stream.mjpg") == 503
         assert status_of(srv, "/results/events") == 503
         full = time.monotonic()
-        # Bounded: the time to fill the buffers, then TEST_STALL without progress, then a tick.
+        # Bounded: the clients' receive windows close at once, then TEST_STALL with nothing
+        # taken, then a watchdog tick.
         for path in ("/stream.mjpg", "/results/events"):
-            wait_until(lambda p=path: status_of(srv, p) == 200, f"a slot on {path}", 40)  # type: ignore[misc]
+            wait_until(lambda p=path: status_of(srv, p) == 200, f"a slot on {path}", 20)  # type: ignore[misc]
         freed_after = time.monotonic() - full
         assert bc.evicted >= 4, bc.evicted
         print(f"slots freed {freed_after:.1f} s after the cap was full")
