@@ -61,7 +61,7 @@ class Frame:
         self.result = result
         # (width, height) of :attr:`image`, known without rendering it.
         self.size = size or (int(image.shape[1]), int(image.shape[0]))
-        self._raw: Optional[Image] = image
+        self._raw: Image = image
         self._render = render
         self._image: Optional[Image] = image if render is None else None
         self._lock = threading.Lock()
@@ -79,8 +79,13 @@ class Frame:
                 raw, render = self._raw, self._render
                 assert raw is not None and render is not None
                 self._image = render(raw)
-                self._raw = self._render = None  # the captured frame is no longer needed
+                self._render = None
             return self._image
+
+    @property
+    def raw(self) -> Image:
+        """The frame as captured, before resizing and overlay (the recorder's clean snapshot)."""
+        return self._raw
 
     def effective_res(self, res: str) -> str:
         """``res``, or ``native`` when ``res`` would not shrink the frame: an upscale only costs

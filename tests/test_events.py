@@ -1,0 +1,196 @@
+"""Events, the parts one by one: rules, the tracker frame by frame, the SQLite store and its
+retention, and clips read back by ffprobe."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+from typing import List, Sequence
+
+import cv2
+import numpy as np
+import pytest
+
+from inference.events.clip import FfmpegClip, clip_kind, salvage
+from inference.events.rules import Rule, RuleError, parse_rule
+from inference.events.store import CLOSED, INTERRUPTED, EventStore
+from inference.events.tracker import Tracker, Transition
+from inference.result import Item
+from tests.conftest import require_tool
+
+
+# -- rules -------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("text, rule", [
+    ("person", Rule("person")), ("Person:0.6", Rule("person", 0.6)), ("any", Rule("any")),
+    ("15:0.5", Rule("15", 0.5)), ("dining table:0.25", Rule("dining table", 0.25)),
+])
+def test_rules_parse(text: str, rule: Rule) -> None:
+    assert parse_rule(text) == rule
+
+
+@pytest.mark.parametrize("text", ["", ":0.5", "cat:2", "cat:x", "cat:nan"])
+def test_bad_rules_are_refused(text: str) -> None:
+    with pytest.raises(RuleError):
+        parse_rule(text)
+
+
+def test_a_rule_matches_by_name_or_id_at_its_minimum() -> None:
+    assert Rule("cat").matches(1, "Cat", 0.01)
+    assert Rule("1", 0.5).matches(1, "cat", 0.5) and not Rule("1", 0.5).matches(1, "cat", 0.49)
+    assert Rule("any").matches(7, "dog", 0.3) and not Rule("dog").matches(7, "cat", 0.9)
+
+
+# -- the tracker, frame by frame -------------------------------------------------------------------
+def items(*pairs: tuple) -> List[Item]:
+    return [Item(label=i, name=name, prob=prob) for i, (name, prob) in enumerate(pairs)]
+
+
+def run(tracker: Tracker, frames: Sequence[tuple]) -> List[Transition]:
+    out: List[Transition] = []
+    for at, found in frames:
+        out += tracker.feed(at, found)
+    return out
+
+
+def test_an_event_starts_after_debounce_frames_at_the_first_and_ends_after_post_roll() -> None:
+    tracker = Tracker([Rule("cat")], debounce=3, post_roll=2.0)
+    frames = [(0.0, items(("cat", 0.9))), (0.1, [])]  # one stray frame: nothing
+    frames += [(1.0 + i / 10, items(("cat", 0.6 + i / 100))) for i in range(10)]
+    frames += [(2.0 + i / 10, []) for i in range(30)]
+    out = run(tracker, frames)
+    assert [(t.kind, round(t.at, 2)) for t in out if t.kind != "update"] == [("start", 1.0), ("end", 3.9)]
+    assert out[0].prob == pytest.approx(0.62)  # the best of the debounce frames
+    updates = [t for t in out if t.kind == "update"]
+    assert updates and updates[-1].prob == pytest.approx(0.69)
+    assert out[-1].prob == pytest.approx(0.69) and out[-1].reason == "gone"
+
+
+def test_a_long_event_is_split_and_a_flickering_label_waits_for_the_cooldown() -> None:
+    tracker = Tracker([Rule("cat")], debounce=1, post_roll=1.0, max_length=5.0, cooldown=3.0)
+    out = run(tracker, [(t / 10, items(("cat", 0.9))) for t in range(0, 120)])
+    kinds = [(t.kind, round(t.at, 1), t.reason) for t in out if t.kind != "update"]
+    assert kinds == [("start", 0.0, ""), ("end", 5.0, "max_length"), ("start", 5.0, ""),
+                     ("end", 10.0, "max_length"), ("start", 10.0, "")]
+    tracker = Tracker([Rule("cat")], debounce=1, post_roll=1.0, cooldown=3.0)
+    frames = [(0.0, items(("cat", 0.9))), (1.5, []), (2.0, items(("cat", 0.9))), (4.6, items(("cat", 0.9)))]
+    out = run(tracker, frames)
+    assert [(t.kind, t.at) for t in out] == [("start", 0.0), ("end", 1.5), ("start", 4.6)]
+
+
+def test_any_gives_each_label_its_own_event_and_a_minimum_filters() -> None:
+    tracker = Tracker([Rule("any", 0.5)], debounce=1, post_roll=1.0)
+    out = run(tracker, [(0.0, items(("dog", 0.8), ("cat", 0.4))), (0.5, items(("cat", 0.7)))])
+    assert sorted((t.kind, t.label) for t in out) == [("start", "cat"), ("start", "dog")]
+    assert tracker.active_labels and set(tracker.active_labels) == {"cat", "dog"}
+    ended = tracker.end_all(1.0)
+    assert sorted((t.label, t.reason) for t in ended) == [("cat", "stopped"), ("dog", "stopped")]
+
+
+# -- the store ---------------------------------------------------------------------------------------
+def test_the_store_keeps_events_across_reopening_and_filters_them(tmp_path: Path) -> None:
+    store = EventStore(tmp_path)
+    assert store.open() == []
+    ids = [store.create(label, start, 0.8, (1, 2, 3, 4) if label == "face" else None, "m",
+                        {"name": "a.jpg", "path": "/x/a.jpg"}, "h264")
+           for label, start in (("cat", 100.0), ("face", 200.0), ("cat", 300.0))]
+    for event_id, end in zip(ids, (110.0, 210.0, 310.0)):
+        store.finish(event_id, end, "gone")
+    store.close()
+    store = EventStore(tmp_path)
+    assert store.open() == []
+    assert [e.id for e in store.list()] == ids[::-1]  # newest first
+    assert [e.id for e in store.list(label="cat")] == [ids[2], ids[0]]
+    assert [e.id for e in store.list(since=150, until=250)] == [ids[1]]
+    assert [e.id for e in store.list(limit=1)] == [ids[2]]
+    face = store.get(ids[1])
+    assert face is not None and face.state == CLOSED and face.box == (1, 2, 3, 4)
+    data = face.to_json()
+    assert data["duration"] == 10.0 and data["box"] == {"xmin": 1, "ymin": 2, "xmax": 3, "ymax": 4}
+    assert data["source"] == {"name": "a.jpg", "path": "/x/a.jpg"} and not data["in_progress"]
+    assert store.delete(ids[1]) is True and store.get(ids[1]) is None and store.delete(ids[1]) is None
+    store.close()
+
+
+def test_an_event_left_open_is_closed_at_the_next_open_at_its_last_touch(tmp_path: Path) -> None:
+    store = EventStore(tmp_path)
+    store.open()
+    event_id = store.create("cat", time.time() - 5, 0.9, None, "m", None, "h264")
+    store.touch(event_id)
+    touched = store.get(event_id).touched  # type: ignore[union-attr]
+    assert store.delete(event_id) is False  # in progress: kept
+    store.close()  # as if the process died: nothing finished it
+    store = EventStore(tmp_path)
+    assert store.open() == [event_id]
+    record = store.get(event_id)
+    assert record is not None and record.state == INTERRUPTED and record.end == touched
+    store.close()
+
+
+def test_retention_deletes_the_oldest_by_age_then_size_never_the_open_one(tmp_path: Path) -> None:
+    store = EventStore(tmp_path)
+    store.open()
+    now = 1_000_000.0
+    ids = []
+    for age_days in (40, 20, 10, 5):
+        event_id = store.create("cat", now - age_days * 86400, 0.9, None, "m", None, "h264")
+        store.snapshot_path(event_id).write_bytes(b"x" * 400_000)
+        store.finish(event_id, now - age_days * 86400 + 10, "gone")
+        ids.append(event_id)
+    open_id = store.create("cat", now - 50 * 86400, 0.9, None, "m", None, "h264")  # oldest, open
+    store.snapshot_path(open_id).write_bytes(b"x" * 400_000)
+    assert store.prune(retain_days=30, retain_mb=0, now=now) == [ids[0]]
+    assert store.prune(retain_days=30, retain_mb=1.0, now=now) == [ids[1], ids[2]]  # 2 MB -> 0.8
+    assert {e.id for e in store.list()} == {ids[3], open_id}
+    assert not store.snapshot_path(ids[0]).exists() and store.snapshot_path(ids[3]).exists()
+    store.close()
+
+
+# -- clips -------------------------------------------------------------------------------------------
+def _ffprobe(path: Path) -> dict:
+    ffprobe = require_tool("ffprobe")
+    out = subprocess.run([ffprobe, "-v", "error", "-show_entries",
+                          "stream=codec_name,width,height,nb_frames:format=duration,format_name",
+                          "-of", "json", str(path)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return dict(json.loads(out.stdout))
+
+
+def _jpegs(count: int, size: tuple = (320, 240)) -> List[bytes]:
+    frames = []
+    for i in range(count):
+        image = np.full((size[1], size[0], 3), (i * 7) % 255, np.uint8)
+        cv2.putText(image, str(i), (20, 100), cv2.FONT_HERSHEY_SIMPLEX, 2, (255, 255, 255), 3)
+        frames.append(bytes(cv2.imencode(".jpg", image)[1].tobytes()))
+    return frames
+
+
+def test_an_ffmpeg_clip_is_h264_mp4_of_the_frames_written(tmp_path: Path) -> None:
+    require_tool("ffmpeg")
+    assert clip_kind() == "h264"
+    clip = FfmpegClip(tmp_path / "1.part.mp4", tmp_path / "1.mp4", 10.0)
+    for jpeg in _jpegs(35):
+        clip.write(jpeg)
+    assert clip.close()
+    assert not (tmp_path / "1.part.mp4").exists()
+    info = _ffprobe(tmp_path / "1.mp4")
+    stream = info["streams"][0]
+    assert stream["codec_name"] == "h264" and (stream["width"], stream["height"]) == (320, 240)
+    assert int(stream["nb_frames"]) == 35
+    assert float(info["format"]["duration"]) == pytest.approx(3.5, abs=0.15)
+
+
+def test_a_clip_cut_short_by_a_kill_is_playable_up_to_what_was_written(tmp_path: Path) -> None:
+    require_tool("ffmpeg")
+    clip = FfmpegClip(tmp_path / "2.part.mp4", tmp_path / "2.mp4", 10.0)
+    for jpeg in _jpegs(40):
+        clip.write(jpeg)
+    clip._proc.stdin.flush()  # type: ignore[union-attr]
+    time.sleep(1.0)
+    clip._proc.kill()  # ffmpeg dies mid-clip: its fragments so far stay readable
+    clip._proc.wait()
+    clip._err.close()
+    assert salvage(tmp_path / "2.part.mp4", tmp_path / "2.mp4")
+    info = _ffprobe(tmp_path / "2.mp4")
+    assert 1.0 <= float(info["format"]["duration"]) <= 4.0
