@@ -240,8 +240,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 # -- start-up checks -----------------------------------------------------------------------------
 def check_source(settings: Settings) -> None:
-    """Refuse what cannot work: an unknown source, an unreadable file or image set. A camera or
-    stream that is down at start is not refused: the loop retries until it is back."""
+    """Refuse what cannot work: an unknown source, an unreadable file or image set, a file that
+    is no video or image (text, a FIFO, a device other than a camera), a URL of a scheme not in
+    --source-schemes. A camera or stream that is down at start is not refused: the loop retries
+    until it is back."""
     from inference.sources import SourceSpecError, default_source, make_source
     from inference.sources.images import ImagesSource
     from inference.sources.video import VideoSource
@@ -249,7 +251,7 @@ def check_source(settings: Settings) -> None:
 
     try:
         source = make_source(settings.source or default_source(), settings.source_fps,
-                             settings.slide_interval)
+                             settings.slide_interval, schemes=settings.source_schemes)
         if isinstance(source, ImagesSource) or (isinstance(source, VideoSource) and not source.live):
             source.open()
             try:
@@ -431,7 +433,7 @@ def _walk_once(settings: Settings) -> Any:
     from inference.sources.images import ImagesSource
 
     source = make_source(settings.source or default_source(), settings.source_fps,
-                         settings.slide_interval, once=True)
+                         settings.slide_interval, once=True, schemes=settings.source_schemes)
     return source if isinstance(source, ImagesSource) and source.once else None
 
 

@@ -51,7 +51,7 @@ def default_source_factory(settings: Settings) -> FrameSource:
     from inference.sources import default_source, make_source
 
     return make_source(settings.source or default_source(), fps=settings.source_fps,
-                       interval=settings.slide_interval)
+                       interval=settings.slide_interval, schemes=settings.source_schemes)
 
 
 def default_model_factory(settings: Settings) -> Model:

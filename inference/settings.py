@@ -151,6 +151,37 @@ def _json_object(value: Any) -> Any:
     return value
 
 
+MIN_SOURCE_FPS = 0.01  # one frame per 100 s; slower, the waits for a frame overflow the clock
+MIN_CENTER_CROP = 0.05  # a 20x digital zoom; less leaves no pixel of a small frame to resize
+SOURCE_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "tcp", "udp", "rtp", "srt")
+"""The URL schemes ``--source-schemes`` may allow: FFmpeg's network inputs (not ``file:`` or its
+composing protocols such as ``concat:``, which read local files past the source checks)."""
+
+
+def _floor(least: float, zero_means: str) -> Callable[[Optional[float]], Optional[float]]:
+    """0 (which means ``zero_means``) or at least ``least``."""
+
+    def check(value: Optional[float]) -> Optional[float]:
+        if value is not None and 0 < value < least:
+            raise ValueError(f"must be 0 ({zero_means}) or at least {least:g}, got {value:g}")
+        return value
+
+    return check
+
+
+def _schemes(value: str) -> str:
+    text = value.strip().lower()
+    if text in ("off", "none"):
+        return "off"
+    names = [n for n in re.split(r"[,\s]+", text) if n]
+    if not names:
+        raise ValueError("expected URL schemes separated by commas (rtsp,https) or off")
+    unknown = [n for n in names if n not in SOURCE_SCHEMES]
+    if unknown:
+        raise ValueError(f"unknown scheme {unknown[0]!r}: choose from {', '.join(SOURCE_SCHEMES)}")
+    return ",".join(dict.fromkeys(names))
+
+
 def _mqtt_url(value: str) -> str:
     if not value:
         return value
@@ -194,6 +225,7 @@ LoopCpu = Annotated[str, AfterValidator(parse_loop_cpu)]
 MqttUrl = Annotated[str, AfterValidator(_mqtt_url)]
 Topic = Annotated[str, AfterValidator(_topic)]
 Alpn = Annotated[str, AfterValidator(_alpn)]
+Schemes = Annotated[str, AfterValidator(_schemes)]
 
 
 class Settings(BaseModel):
@@ -207,9 +239,14 @@ class Settings(BaseModel):
                       "webcam index (0) | an rtsp:// or http:// URL | an image, folder or glob of "
                       "images (default: awscam on a DeepLens, else demo, the bundled bikes.mp4)",
                       live=True, metavar="SOURCE")
-    source_fps: Auto = opt(None, "pace of the source in frames per second: native "
-                                      "(files at their own fps, cameras as they come, images at 5), "
-                                      "or a number; 0 = unpaced", metavar="FPS|native", ge=0, le=240)
+    source_schemes: Schemes = opt("rtsp,rtsps,http,https", "URL schemes a network source may "
+                                  "have, separated by commas, or off: rtsp, rtsps, rtmp, rtmps, "
+                                  "http, https, tcp, udp, rtp, srt (not live: a token holder "
+                                  "cannot widen them)", metavar="SCHEMES|off")
+    source_fps: Annotated[Auto, AfterValidator(_floor(MIN_SOURCE_FPS, "unpaced"))] = opt(
+        None, "pace of the source in frames per second: native (files at their own fps, cameras "
+        "as they come, images at 5), or a number; 0 = unpaced, else at least 0.01",
+        metavar="FPS|native", ge=0, le=240)
     slide_interval: float = opt(3.0, "seconds each image stays up in an image slideshow",
                                 metavar="SECONDS", gt=0, le=86400)
     # -- model -----------------------------------------------------------------------------------
@@ -230,9 +267,9 @@ class Settings(BaseModel):
         None, "per-channel mean subtracted after scaling", metavar="M|R,G,B")
     std: Annotated[Triple, AfterValidator(_nonzero)] = opt(
         None, "per-channel std divided by after the mean", metavar="S|R,G,B")
-    center_crop: Auto = opt(None, "centre-crop this fraction of the short side before "
-                                       "resizing (0.875 for ImageNet habits; 0 = whole frame)",
-                                       metavar="FRACTION", ge=0, le=1)
+    center_crop: Annotated[Auto, AfterValidator(_floor(MIN_CENTER_CROP, "whole frame"))] = opt(
+        None, "centre-crop this fraction of the short side before resizing (0.875 for ImageNet "
+        "habits; 0 = whole frame, else at least 0.05)", metavar="FRACTION", ge=0, le=1)
     model_backend: Literal["auto", "onnx", "awscam"] = opt(
         "auto", "run the model through ONNX Runtime or awscam.Model (auto: awscam for device "
         "artifacts)")

@@ -18,6 +18,7 @@ from inference.service import Service
 router = APIRouter(tags=["health"])
 
 STALL_SECONDS = 5.0  # a running loop without a frame this long is a stalled camera
+OPENING_SECONDS = 3.0  # a source still opening after this is shown (an RTSP camera takes ~1-2 s)
 MODEL_ERROR_WINDOW = 30.0
 PIPELINE_STATES = {
     "running": "running",
@@ -49,6 +50,10 @@ def health_report(service: Service, fallbacks: Sequence[str] = ()) -> dict[str, 
         if stalled > STALL_SECONDS:
             camera["ok"] = False
             reasons.append(f"camera: no frame for {stalled:.0f} s")
+    stuck = _stuck_source(capture)
+    if stuck:
+        camera["ok"] = False
+        reasons.append(stuck)
 
     model_info = loop.model.info.to_json() if loop.model else None
     model: dict[str, Any] = {"ok": True, "model": model_info, "errors": stats.model_errors,
@@ -86,6 +91,22 @@ def health_report(service: Service, fallbacks: Sequence[str] = ()) -> dict[str, 
         "checks": {"pipeline": pipeline, "settings": {"ok": not fallbacks, "fallbacks": list(fallbacks)},
                    "camera": camera, "model": model, "outputs": outputs},
     }
+
+
+def _stuck_source(capture: Any) -> str:
+    """The loop waiting on its source too long (a stream that accepts and never answers, a
+    driver that hangs), which no failed read reports while it lasts; '' otherwise."""
+    waiting = capture.waiting()
+    if waiting is None:
+        return ""
+    what, seconds = waiting
+    if what == "opening":
+        return f"source: opening {capture.name} for {seconds:.0f} s" if seconds > OPENING_SECONDS else ""
+    fps = getattr(capture.source, "fps", 0) or 0
+    paced = 2.0 / fps if fps > 0 else 0.0  # a paced source waits for its next frame on purpose
+    if seconds > STALL_SECONDS + paced:
+        return f"source: no frame for {seconds:.0f} s (a read of {capture.name} has not returned)"
+    return ""
 
 
 @router.get("/health", response_class=PrettyJSONResponse, summary="ok or degraded, with the reasons")

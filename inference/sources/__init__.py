@@ -1,17 +1,19 @@
 """Frame sources, chosen by one string: ``awscam``, ``demo``, ``synthetic``, a webcam index, a
-URL, a video file, an image file, a folder or a glob of images."""
+URL, a video file, an image file, a folder or a glob of images. What a file or a URL must be to
+be one: :mod:`inference.sources.files`."""
 
 from __future__ import annotations
 
 import glob
 import os
 from pathlib import Path
+from typing import Sequence, Union
 
 from inference.sources.awscam import awscam_available
+from inference.sources.files import allowed_schemes, file_problem, is_camera_node, scheme_of
 from inference.types import FrameSource
 
 IMAGE_EXTS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
-STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
 NAMED_SOURCES = ("awscam", "demo", "synthetic")
 
 
@@ -24,14 +26,17 @@ def default_source() -> str:
 
 
 def make_source(
-    spec: str, fps: float | None = None, interval: float = 3.0, once: bool = False
+    spec: str, fps: float | None = None, interval: float = 3.0, once: bool = False,
+    schemes: Union[str, Sequence[str], None] = None,
 ) -> FrameSource:
     """Build the source ``spec`` names; ``fps`` None keeps each kind's own pace, 0 is unpaced.
     ``once``: a folder or glob hands out each image one time, unpaced, then ends (headless
     ``infer``); a single image still repeats, so ``infer`` can run it ``--frames`` times.
+    ``schemes``: the URL schemes allowed (``--source-schemes``; None: rtsp, rtsps, http, https).
 
-    Raises SourceSpecError for a path that does not exist or a spec of no known kind, so the
-    CLI can refuse it at start.
+    Raises SourceSpecError for a path that does not exist, is not a regular video or image file
+    (nor a camera node), a URL of a scheme not allowed or a spec of no known kind, so the CLI
+    can refuse it at start and a live change with a 422. Nothing here waits on the source.
     """
     spec = spec.strip()
     if not spec:
@@ -52,7 +57,13 @@ def make_source(
         from inference.sources.video import VideoSource
 
         return VideoSource(int(spec), live=True, fps=fps)
-    if spec.lower().startswith(STREAM_SCHEMES):
+    scheme = scheme_of(spec)
+    if scheme is not None:
+        allowed = allowed_schemes(schemes)
+        if scheme not in allowed:
+            raise SourceSpecError(
+                f"the URL scheme {scheme}: is not allowed for a source (allowed: "
+                f"{', '.join(allowed) or 'none'}; the device's owner sets them with --source-schemes)")
         from inference.sources.video import VideoSource
 
         return VideoSource(spec, live=True, fps=fps)
@@ -71,11 +82,21 @@ def make_source(
         if not files:
             raise SourceSpecError(f"folder {spec!r} holds no image ({', '.join(sorted(IMAGE_EXTS))})")
         return ImagesSource(files, fps=fps, interval=interval, name=spec, once=once)
-    if not path.exists():
+    try:
+        st = path.stat()
+    except OSError:
         raise SourceSpecError(
             f"{spec!r} is no file, folder, URL, webcam index or one of {', '.join(NAMED_SOURCES)}"
-        )
-    if path.suffix.lower() in IMAGE_EXTS:
+        ) from None
+    if is_camera_node(st):
+        from inference.sources.video import VideoSource
+
+        return VideoSource(str(path), live=True, fps=fps)
+    image = path.suffix.lower() in IMAGE_EXTS
+    problem = file_problem(str(path), "image" if image else "video")
+    if problem:
+        raise SourceSpecError(problem)
+    if image:
         from inference.sources.images import ImagesSource
 
         return ImagesSource([str(path)], fps=fps, interval=interval, name=spec)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Callable, Optional, Tuple
 
 from inference.logutil import RateLimitedLog
@@ -31,6 +32,9 @@ class Capture:
         self.consecutive_failures = 0
         self.reopens = 0
         self.last_error: Optional[str] = None
+        # ("opening" or "reading", since when): what the reading thread waits on right now, for
+        # /health; a wait inside a source cannot say so itself while it lasts.
+        self._busy: Optional[Tuple[str, float]] = None
 
     @property
     def name(self) -> str:
@@ -49,12 +53,16 @@ class Capture:
             if source is None:
                 self.source = source = self._factory()
             if not self._open:
+                self._busy = ("opening", time.monotonic())
                 source.open()
                 self._open = True
                 self.on_open()
+            self._busy = ("reading", time.monotonic())
             frame, origin = _read(source)
         except Exception as exc:
             return None, str(exc) or type(exc).__name__, None
+        finally:
+            self._busy = None
         if frame is None:
             if getattr(source, "ended", False):
                 return None, f"end of {source.name}", None
@@ -64,6 +72,12 @@ class Capture:
         self.consecutive_failures = 0
         self.last_error = None
         return frame, "", origin
+
+    def waiting(self) -> Optional[Tuple[str, float]]:
+        """What the reading thread has been waiting on for how long: ``("opening", seconds)`` or
+        ``("reading", seconds)``, or None between reads."""
+        busy = self._busy
+        return None if busy is None else (busy[0], time.monotonic() - busy[1])
 
     def failed(self, reason: str) -> int:
         """Count a failed read; returns how many failed in a row."""

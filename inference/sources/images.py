@@ -9,6 +9,7 @@ import time
 import cv2
 
 from inference.result import Origin
+from inference.sources.files import file_problem
 from inference.sources.pacing import Pacer
 from inference.types import Image, SourceError
 
@@ -48,6 +49,12 @@ class ImagesSource:
         self._images = []
         self.skipped = []
         for path in self.files:
+            # imread of a FIFO would wait for a writer forever, with the control lock held.
+            problem = file_problem(path, "image")
+            if problem:
+                log.warning("skipping %s: %s", path, problem)
+                self.skipped.append(path)
+                continue
             image = cv2.imread(path, cv2.IMREAD_COLOR)
             if image is None:
                 log.warning("skipping %s: not a readable image", path)

@@ -8,19 +8,27 @@ file hands frames over one by one so none is decoded for nothing.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
+from typing import List
 
 import cv2
 
 from inference.result import Origin
+from inference.sources.files import file_problem, scheme_of
 from inference.sources.pacing import Pacer
 from inference.types import Image, SourceError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_FILE_FPS = 25.0
+# OpenCV's FFmpeg backend waits 30 s by default for a stream that accepts and says nothing, at
+# every open and every read; the loop is stuck that long each time. An RTSP camera connects in a
+# few seconds and sends a frame many times a second.
+OPEN_TIMEOUT_MS = 10000
+READ_TIMEOUT_MS = 5000
 DEMO_CLIP = Path(__file__).resolve().parent.parent / "data" / "bikes.mp4"
 
 
@@ -57,7 +65,12 @@ class VideoSource:
 
     def open(self) -> None:
         self.close()
-        cap = cv2.VideoCapture(self.target)
+        if not self.live:
+            # Checked again at every open: the file may have been replaced since it was chosen.
+            problem = file_problem(str(self.target))
+            if problem:
+                raise SourceError(problem)
+        cap = _capture(self.target)
         if not cap.isOpened():
             cap.release()
             raise SourceError(f"cannot open video source {self.name!r}")
@@ -144,3 +157,27 @@ class VideoSource:
         cap, self._cap = self._cap, None
         if cap is not None and (thread is None or not thread.is_alive()):
             cap.release()
+
+
+def _capture(target: str | int) -> cv2.VideoCapture:
+    """``cv2.VideoCapture`` of ``target``: a webcam (an index or a /dev/video node, V4L2 has
+    its own timeouts) as OpenCV picks; a file or a URL through FFmpeg with open and read
+    timeouts where this OpenCV takes them (4.5.2+).
+
+    A path is made absolute, so FFmpeg never reads a ``NAME:`` prefix of it as a protocol."""
+    if isinstance(target, int) or target.startswith("/dev/"):
+        return cv2.VideoCapture(target)
+    if scheme_of(target) is None:
+        target = os.path.abspath(target)
+    params: List[int] = []
+    for name, value in (("CAP_PROP_OPEN_TIMEOUT_MSEC", OPEN_TIMEOUT_MS),
+                        ("CAP_PROP_READ_TIMEOUT_MSEC", READ_TIMEOUT_MS)):
+        if hasattr(cv2, name):
+            params += [int(getattr(cv2, name)), value]
+    registry = getattr(cv2, "videoio_registry", None)
+    if not params or registry is None or not registry.hasBackend(cv2.CAP_FFMPEG):
+        return cv2.VideoCapture(target)  # an older or FFmpeg-less OpenCV (the device's)
+    try:
+        return cv2.VideoCapture(target, cv2.CAP_FFMPEG, params)
+    except (TypeError, cv2.error):  # a build without the (name, api, params) form
+        return cv2.VideoCapture(target)
