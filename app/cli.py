@@ -33,6 +33,7 @@ from inference.settings import (  # noqa: E402
     Settings,
     field_group,
     field_metavar,
+    field_repeatable,
 )
 
 log = logging.getLogger("app")
@@ -140,11 +141,12 @@ def add_settings_arguments(parser: argparse.ArgumentParser, groups: Sequence[str
             choices = [c for c in get_args(info.annotation) if isinstance(c, str) and c]
             metavar = field_metavar(name) or ("{" + ",".join(choices) + "}" if choices else None)
             default = defaults[name]
-            shown = "" if default in ("", None, {}) else f" [default: {_show(default)}]"
+            shown = "" if default in ("", None, {}, ()) else f" [default: {_show(default)}]"
             bounds = field_range(name)
             limits = f"; {metavar or 'value'}: {bounds}" if bounds else ""
             group.add_argument(
                 "--" + name.replace("_", "-"), dest=name, default=None, metavar=metavar,
+                action="append" if field_repeatable(name) else "store",
                 help=f"{info.description}{limits}{shown} (env {ENV_PREFIX}{name.upper()})"
                 .replace("%", "%%"),
             )

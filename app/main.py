@@ -19,15 +19,16 @@ from fastapi.responses import RedirectResponse
 from fastapi.routing import APIRoute
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.responses import StreamingResponse
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.broadcast import Broadcaster
 from app.limits import BodyLimit
-from app.routes import control, field_error, health, results, stream
+from app.routes import control, events, field_error, health, results, stream
 from app.routes.health import make_registry
-from app.security import new_token
+from app.security import LoginThrottle, SecurityHeaders, new_token
 from inference.affinity import serving_thread
 from inference.compat import package_version
 from inference.service import Service
@@ -66,6 +67,7 @@ def create_app(service: Service, token: Optional[str] = None, fallbacks: Sequenc
     )
     app.state.service = service
     app.state.token = token or service.settings.token or new_token()
+    app.state.throttle = LoginThrottle()
     app.state.fallbacks = list(fallbacks)
     app.state.registry = make_registry(service, app.state)
     app.state.templates = jinja2.Environment(
@@ -74,9 +76,17 @@ def create_app(service: Service, token: Optional[str] = None, fallbacks: Sequenc
     app.include_router(results.router)
     app.include_router(control.router)
     app.include_router(health.router)
+    app.include_router(events.router)
     app.mount("/static", StaticFiles(directory=str(HERE / "static")), name="static")
     app.add_middleware(BodyLimit)
     app.add_middleware(HeadAsGet)
+    hosts = [h for h in service.settings.allowed_hosts.split(",") if h]
+    if hosts and "*" not in hosts:
+        # A page that re-points its own name at the device (DNS rebinding) sends that name as
+        # Host: only the names given are served. No www. redirect: a device has no www twin.
+        app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)
+    # Outermost, so every answer has them, the refusals of the layers above included.
+    app.add_middleware(SecurityHeaders, inline_script_paths=(app.docs_url,) if app.docs_url else ())
     app.add_exception_handler(HTTPException, _body_not_text)
     return app
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, List, Mapping, Optional, Tuple
 
 from inference.affinity import unconfined
@@ -25,6 +26,8 @@ from inference.sources.capture import Capture
 from inference.types import FrameSource, Model
 
 if TYPE_CHECKING:
+    from inference.events.recorder import Recorder
+    from inference.events.store import EventStore
     from inference.outputs.fifo import FifoWriter
     from inference.outputs.iot import IotOutput
 
@@ -76,6 +79,8 @@ class Service:
         self.loop = InferenceLoop(settings, self.hub, self.capture)
         self.outputs: List[Output] = list(outputs or [])
         self._lock = threading.RLock()
+        self._history: Optional[EventStore] = None
+        self._history_lock = threading.Lock()
         self._listeners: List[ChangeListener] = []
         self._prepared = False
         self.started = False
@@ -108,6 +113,34 @@ class Service:
 
         found = [o for o in self.outputs if isinstance(o, FifoWriter)]
         return found[0] if found else None
+
+    @property
+    def recorder(self) -> Optional[Recorder]:
+        from inference.events.recorder import Recorder
+
+        found = [o for o in self.outputs if isinstance(o, Recorder)]
+        return found[0] if found else None
+
+    def event_store(self) -> Optional[EventStore]:
+        """The recorder's store; with recording off, the history an earlier run left in
+        ``--data-dir`` (None if there is none)."""
+        recorder = self.recorder
+        if recorder is not None:
+            return recorder.store
+        with self._history_lock:
+            if self._history is None:
+                from inference.events.store import EventStore, default_data_dir
+
+                folder = Path(self._settings.data_dir) if self._settings.data_dir else default_data_dir()
+                if (folder / "events.db").is_file():
+                    store = EventStore(folder)
+                    try:
+                        store.open()
+                    except Exception as exc:
+                        log.warning("the event history in %s cannot be read: %s", folder, exc)
+                        return None
+                    self._history = store
+            return self._history
 
     def add_output(self, output: Output) -> None:
         self.outputs.append(output)
@@ -176,6 +209,10 @@ class Service:
                     except Exception:
                         log.exception("stopping output %s failed", output.name)
             self.loop.close()
+        with self._history_lock:
+            if self._history is not None:
+                self._history.close()
+                self._history = None
 
     def pipeline(self, action: str) -> LoopState:
         """``start``, ``stop``, ``pause`` or ``resume`` the loop (the outputs keep serving).

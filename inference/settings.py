@@ -73,7 +73,8 @@ class ConfigError(ValueError):
 
 
 def opt(default: Any, help: str, *, group: str = "pipeline", live: bool = False,
-        metavar: str = "", secret: bool = False, **constraints: Any) -> Any:
+        metavar: str = "", secret: bool = False, repeatable: bool = False,
+        **constraints: Any) -> Any:
     """A settings field: its default, help and range, and how the CLI and API show it."""
     if isinstance(default, float) or (default is None and constraints):
         constraints.setdefault("allow_inf_nan", False)  # nan passes every range check
@@ -82,6 +83,8 @@ def opt(default: Any, help: str, *, group: str = "pipeline", live: bool = False,
         extra["metavar"] = metavar
     if secret:
         extra["secret"] = True
+    if repeatable:  # the flag may be given several times (argparse append)
+        extra["repeatable"] = True
     return Field(default, description=help, json_schema_extra=extra, **constraints)
 
 
@@ -182,6 +185,30 @@ def _schemes(value: str) -> str:
     return ",".join(dict.fromkeys(names))
 
 
+MIN_TOKEN_LENGTH = 16
+_HOST_NAME = re.compile(r"(\*\.)?[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*")
+
+
+def _token(value: str) -> str:
+    # 16 characters of even lowercase letters and digits are 8e24 guesses, out of reach of the
+    # login throttle; the generated token has 32. The value is never echoed (a secret).
+    if value and len(value) < MIN_TOKEN_LENGTH:
+        raise ValueError(f"must be at least {MIN_TOKEN_LENGTH} characters (got {len(value)}): a "
+                         "short token is guessed; leave it out for a generated one")
+    return value
+
+
+def _hosts(value: str) -> str:
+    if not value or value == "*":
+        return value
+    hosts = [h.strip().lower() for h in value.split(",")]
+    for host in hosts:
+        if host != "*" and not _HOST_NAME.fullmatch(host):
+            raise ValueError("expected host names or IPv4 addresses separated by commas, without a "
+                             f"port (*.example.com for its subdomains, * for any), got {host!r}")
+    return ",".join(hosts)
+
+
 def _mqtt_url(value: str) -> str:
     if not value:
         return value
@@ -214,6 +241,26 @@ def _alpn(value: str) -> str:
     return ",".join(protocols)
 
 
+def _rules(value: Any) -> Any:
+    """Rules from a flag given several times, an env var or a TOML list; each one checked."""
+    from inference.events.rules import RuleError, parse_rule
+
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, (list, tuple)):
+        raise ValueError(f"expected LABEL[:MIN_PROB] rules, got {value!r}")
+    rules = []
+    for entry in value:
+        for text in str(entry).split(","):
+            if not text.strip():
+                continue
+            try:
+                rules.append(str(parse_rule(text)))
+            except RuleError as exc:
+                raise ValueError(str(exc)) from None
+    return tuple(rules)
+
+
 Count = Annotated[int, BeforeValidator(_no_bool)]
 Auto = Annotated[Optional[float], BeforeValidator(_none_if_auto)]
 Size = Annotated[Optional[Tuple[int, int]], BeforeValidator(_numbers(2, "WxH such as 224x224")),
@@ -225,6 +272,9 @@ LoopCpu = Annotated[str, AfterValidator(parse_loop_cpu)]
 MqttUrl = Annotated[str, AfterValidator(_mqtt_url)]
 Topic = Annotated[str, AfterValidator(_topic)]
 Alpn = Annotated[str, AfterValidator(_alpn)]
+Token = Annotated[str, AfterValidator(_token)]
+Hosts = Annotated[str, AfterValidator(_hosts)]
+RecordRules = Annotated[Tuple[str, ...], BeforeValidator(_rules)]
 Schemes = Annotated[str, AfterValidator(_schemes)]
 
 
@@ -302,12 +352,18 @@ class Settings(BaseModel):
                     min_length=1)
     port: Count = opt(8080, "port of the dashboard (8000 is the Greengrass core's)", group="server",
                     metavar="PORT", ge=1, le=65535)
-    token: str = opt("", "control token for changing settings (default: generated at start and "
-                     "logged once)", group="server", metavar="TOKEN", secret=True)
+    token: Token = opt("", "control token for changing settings, 16 characters or more (default: "
+                       "generated at start and logged once)", group="server", metavar="TOKEN",
+                       secret=True)
     token_file: str = opt("", "file a generated token is kept in (owner-only), so it survives "
                           "restarts (default: $XDG_STATE_HOME/deeplens-dashboard/token, else "
                           "~/.local/state/deeplens-dashboard/token; off: a new token each start); "
                           "a --token is never written", group="server", metavar="PATH|off")
+    allowed_hosts: Hosts = opt("", "host names (or IP addresses) the dashboard answers to, separated "
+                               "by commas; other Host headers get 400, which stops a page that "
+                               "re-points its own name at the device (DNS rebinding) from reading "
+                               "it (default: any, so a device reached by any name or IP works)",
+                               group="server", metavar="HOST,...")
     protect_views: bool = opt(False, "require the token for the stream, snapshot and results too",
                               group="server", metavar="on|off")
     max_viewers: Count = opt(64, "concurrent MJPEG viewers allowed, and SSE subscribers; beyond: 503",
@@ -369,6 +425,31 @@ class Settings(BaseModel):
                                group="outputs", live=True, metavar="on|off")
     iot_on_change: bool = opt(False, "publish only when the payload's labels change",
                               group="outputs", live=True, metavar="on|off")
+    # -- events ----------------------------------------------------------------------------------
+    record: RecordRules = opt(
+        (), "LABEL[:MIN_PROB] whose detections start an event (snapshots, a clip with pre-roll, "
+        "a notice); repeatable, or separated by commas; 'any' for every label that passes "
+        "--threshold; none: no recording", group="events", metavar="LABEL[:P]", repeatable=True)
+    record_debounce: Count = opt(3, "results in a row a label must match before an event starts",
+                                 group="events", metavar="N", ge=1, le=100)
+    pre_roll: float = opt(5.0, "seconds of video kept before each event starts", group="events",
+                          metavar="SECONDS", ge=0, le=60)
+    post_roll: float = opt(5.0, "seconds without the label before its event ends",
+                           group="events", metavar="SECONDS", ge=0, le=600)
+    record_max: float = opt(300.0, "longest event; a longer one is split", group="events",
+                            metavar="SECONDS", ge=10, le=86400)
+    record_cooldown: float = opt(5.0, "seconds after an event ends before its label can start "
+                                 "another", group="events", metavar="SECONDS", ge=0, le=3600)
+    record_fps: float = opt(10.0, "frames per second of clips and of the pre-roll buffer",
+                            group="events", metavar="FPS", ge=1, le=30)
+    data_dir: str = opt("", "folder of the event history (events.db, clips, snapshots) (default: "
+                        "$XDG_DATA_HOME/deeplens-dashboard, else ~/.local/share/deeplens-dashboard)",
+                        group="events", metavar="DIR")
+    retain_days: float = opt(30.0, "events older than this are deleted (0 = no age limit)",
+                             group="events", metavar="DAYS", ge=0, le=36500)
+    retain_mb: float = opt(1024.0, "the oldest events are deleted while their files take more than "
+                           "this (0 = no size limit)", group="events", metavar="MB", ge=0,
+                           le=10_000_000)
 
     @field_validator("*", mode="before")
     @classmethod
@@ -443,7 +524,7 @@ def _extra(name: str) -> Dict[str, Any]:
 
 LIVE_FIELDS = frozenset(n for n in Settings.model_fields if _extra(n).get("live"))
 SECRET_FIELDS = frozenset(n for n in Settings.model_fields if _extra(n).get("secret"))
-GROUPS = ("pipeline", "server", "outputs")
+GROUPS = ("pipeline", "server", "outputs", "events")
 
 
 def field_group(name: str) -> str:
@@ -452,6 +533,10 @@ def field_group(name: str) -> str:
 
 def field_metavar(name: str) -> str:
     return str(_extra(name).get("metavar", ""))
+
+
+def field_repeatable(name: str) -> bool:
+    return bool(_extra(name).get("repeatable"))
 
 
 def config_error(exc: ValidationError, origins: Mapping[str, str]) -> ConfigError:

@@ -54,6 +54,7 @@ def _state_home(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Dashboards the tests start keep a generated control token in $XDG_STATE_HOME: never in
     the tester's own home."""
     os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("state"))
+    os.environ["XDG_DATA_HOME"] = str(tmp_path_factory.mktemp("data"))  # the event history
 
 
 @pytest.fixture

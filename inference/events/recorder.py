@@ -28,10 +28,11 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
 import cv2
 
 from inference.events.clip import ClipError, CvClip, FfmpegClip, clip_kind, open_clip
-from inference.events.rules import Rule
-from inference.events.store import EventStore, StoreError
+from inference.events.rules import Rule, parse_rule
+from inference.events.store import EventStore, StoreError, default_data_dir
 from inference.events.tracker import Box, Tracker, Transition
 from inference.pipeline.frames import Frame, FrameHub, target_size
+from inference.settings import Settings
 from inference.workers import Worker
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,15 @@ class RecordOptions:
     retain_days: float = 30.0
     retain_mb: float = 1024.0
     jpeg_quality: int = 80
+
+
+def options_from(settings: Settings) -> RecordOptions:
+    return RecordOptions(
+        rules=[parse_rule(text) for text in settings.record], res=settings.display_res,
+        fps=settings.record_fps, pre_roll=settings.pre_roll, post_roll=settings.post_roll,
+        debounce=settings.record_debounce, max_length=settings.record_max,
+        cooldown=settings.record_cooldown, retain_days=settings.retain_days,
+        retain_mb=settings.retain_mb, jpeg_quality=settings.jpeg_quality)
 
 
 @dataclass
@@ -98,16 +108,32 @@ class _Open:
 
 
 class Recorder(Worker):
-    name = "recorder"
+    """An output (:class:`inference.outputs.base.Output`) named ``events``."""
+
+    name = "events"
+    thread_name = "recorder"
     serving = True
 
-    def __init__(self, options: RecordOptions, hub: FrameHub, store: EventStore,
-                 model_name: Callable[[], str] = lambda: "") -> None:
+    @classmethod
+    def build(cls, settings: Settings, hub: FrameHub) -> Recorder:
+        """The recorder the settings ask for, its store open; OutputError naming --data-dir when
+        the folder cannot hold it."""
+        from inference.outputs.base import OutputError
+
+        store = EventStore(Path(settings.data_dir) if settings.data_dir else default_data_dir())
+        try:
+            store.open()
+        except StoreError as exc:
+            raise OutputError("--data-dir", str(exc)) from None
+        recorder = cls(options_from(settings), hub, store)
+        recorder.nice = settings.serving_nice
+        return recorder
+
+    def __init__(self, options: RecordOptions, hub: FrameHub, store: EventStore) -> None:
         super().__init__()
         self.options = options
         self.hub = hub
         self.store = store
-        self.model_name = model_name
         self.tracker = Tracker(options.rules, options.debounce, options.post_roll,
                                options.max_length, options.cooldown)
         self.listeners: List[Listener] = []
@@ -134,7 +160,15 @@ class Recorder(Worker):
         self.hub.remove_listener(self._on_publish)
         self.signal_stop()
         self._wake.set()
-        return self.join(deadline)
+        stopped = self.join(deadline)
+        if stopped:  # else its thread still writes: the store stays open for it
+            self.store.close()
+        return stopped
+
+    def apply(self, settings: Settings) -> None:
+        # the clip follows what the page shows: the display resolution may change live
+        self.options.res = settings.display_res
+        self.options.jpeg_quality = settings.jpeg_quality
 
     def _on_publish(self, seq: int) -> None:
         self._wake.set()  # on the loop's thread: only a wake-up
@@ -233,7 +267,8 @@ class Recorder(Worker):
         if frame is not None and frame.result.origin is not None:
             source = frame.result.origin.to_json()
         kind = clip_kind()
-        event_id = self.store.create(t.label, t.at, t.prob, t.box, self.model_name(), source, kind)
+        model = frame.result.model.name if frame is not None and frame.result.model else ""
+        event_id = self.store.create(t.label, t.at, t.prob, t.box, model, source, kind)
         clip: Optional[Union[FfmpegClip, CvClip]] = None
         try:
             clip = open_clip(self.store.clip_part(event_id), self.store.clip_path(event_id),

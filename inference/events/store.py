@@ -23,7 +23,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,15 @@ Box = Optional[Tuple[float, float, float, float]]
 
 class StoreError(RuntimeError):
     pass
+
+
+def default_data_dir(env: Optional[Mapping[str, str]] = None) -> Path:
+    """$XDG_DATA_HOME/deeplens-dashboard, else ~/.local/share/deeplens-dashboard (the XDG base
+    directory spec's place for data a user keeps; the device's service sets its own)."""
+    env = os.environ if env is None else env
+    base = env.get("XDG_DATA_HOME", "")
+    root = Path(base) if base and os.path.isabs(base) else Path.home() / ".local" / "share"
+    return root / "deeplens-dashboard"
 
 
 @dataclass

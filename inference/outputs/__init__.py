@@ -13,8 +13,8 @@ __all__ = ["Output", "OutputError", "build_outputs"]
 
 
 def build_outputs(settings: Settings, hub: FrameHub) -> List[Output]:
-    """The FIFO unless ``--fifo off``, the IoT topic unless ``--iot off``; raises OutputError
-    naming the option for a setting that cannot work."""
+    """The FIFO unless ``--fifo off``, the IoT topic unless ``--iot off``, the event recorder
+    with ``--record``; raises OutputError naming the option for a setting that cannot work."""
     outputs: List[Output] = []
     if settings.fifo.lower() != "off":
         from inference.outputs.fifo import FifoWriter
@@ -24,4 +24,13 @@ def build_outputs(settings: Settings, hub: FrameHub) -> List[Output]:
         from inference.outputs.iot import IotOutput
 
         outputs.append(IotOutput.build(settings, hub))
+    if settings.record:
+        from inference.events.recorder import Recorder
+        from inference.outputs.iot import IotOutput
+
+        recorder = Recorder.build(settings, hub)
+        for output in outputs:
+            if isinstance(output, IotOutput):  # event notices on its events topic
+                recorder.listeners.append(output.notify)
+        outputs.append(recorder)
     return outputs

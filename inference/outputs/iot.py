@@ -61,6 +61,7 @@ ERROR_REPEAT_SECONDS = 60.0  # the same error goes out again at most this often
 SOURCE_NAME = "deeplens-dashboard"
 DEFAULT_TOPIC = "$aws/things/{thing}/infer"
 AVAILABILITY_TOPIC = "deeplens/{thing}/availability"
+EVENTS_TOPIC = "deeplens/{thing}/events"
 AWS_IOT_ALPN = "x-amzn-mqtt-ca"
 
 
@@ -77,6 +78,12 @@ def resolve_thing_name(settings: Settings, env: Mapping[str, str] | None = None)
 
 def infer_topic(thing: str, template: str = DEFAULT_TOPIC) -> str:
     return template.replace("{thing}", thing)
+
+
+def events_topic(thing: str) -> str:
+    """Event notices (new, update, end), beside the availability topic and for the same reason:
+    a device cannot publish under ``$aws/`` on AWS IoT Core."""
+    return EVENTS_TOPIC.replace("{thing}", thing)
 
 
 def availability_topic(thing: str) -> str:
@@ -490,12 +497,14 @@ class _Job:
     item: Frame | None = None  # an inference to publish
     text: str | None = None  # or a status line, as the seed's 'Loading ... model'
     error: str | None = None  # or an error, sent as the seed's 'Error in ...: <error>'
+    notice: bytes | None = None  # or an event notice, on the events topic
 
 
 @dataclass(frozen=True)
 class _Message:
     payload: bytes
     status: bool  # a status line or an error rather than an inference
+    topic: str | None = None  # None: the results topic
 
 
 class Outbox:
@@ -646,6 +655,8 @@ class IotOutput(Worker):
         self.publisher = publisher
         self.thing = thing or resolve_thing_name(settings)
         self.topic = infer_topic(self.thing, settings.iot_topic)
+        self.events_topic = events_topic(self.thing)
+        self.notices = 0
         self.queue_size = queue_size
         self.backlog_size = settings.iot_queue
         self.nice = settings.serving_nice  # added to the publisher thread's nice value
@@ -719,6 +730,8 @@ class IotOutput(Worker):
         return {
             "publisher": publisher.name,
             "topic": self.topic,
+            "events_topic": self.events_topic,
+            "notices": self.notices,
             "thing": self.thing,
             "connected": ok,
             "status": description,
@@ -766,6 +779,15 @@ class IotOutput(Worker):
         if not self._loading_announced:
             self._loading_announced = True
             self.status(f"Loading {display_name(self.composer.model_name)} model")
+
+    def notice(self, payload: Mapping[str, Any]) -> None:
+        """Queue an event notice (``{"type": "new"|"update"|"end", "before", "after"}``) for
+        :attr:`events_topic`; notices are not rate-limited, and wait in the backlog like results."""
+        self._put(_Job(notice=json.dumps(payload).encode("utf-8")))
+
+    def notify(self, kind: str, payload: Mapping[str, Any]) -> None:
+        """A recorder listener: every event notice goes out (:meth:`notice`)."""
+        self.notice(payload)
 
     def report_error(self, error: str) -> None:
         """Queue the seed's ``Error in ...: <error>``; the same text as a frame's error (e.g.
@@ -828,7 +850,7 @@ class IotOutput(Worker):
                 return  # new work first: its messages join the outbox behind these
             message = self._outbox.head()
             try:
-                self.publisher.publish(self.topic, message.payload)
+                self.publisher.publish(message.topic or self.topic, message.payload)
             except PublishOffline:
                 return  # kept at the head; the next pass tries again
             except Exception as exc:  # InvocationException, socket errors: counted, logged, survived
@@ -838,42 +860,46 @@ class IotOutput(Worker):
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 self._rl(logging.WARNING, "IoT publish via %s failed: %s", self.publisher.name,
                          self.last_error, key="publish-error")
-                self._remember(message.payload, f"error: {self.last_error}")
+                self._remember(message.payload, f"error: {self.last_error}", message.topic)
                 continue
             self._outbox.pop_head()
             self._last_ok = True
             self.sent += 1
-            self._remember(message.payload, "sent")
+            self._remember(message.payload, "sent", message.topic)
 
     def _make(self, job: _Job) -> None:
         if job.item is not None:
             messages = self.composer.inference(job.item)
         elif job.error is not None:
             messages = self.composer.error(job.error)
+        elif job.notice is not None:
+            self.notices += 1
+            messages = [_Message(job.notice, True, self.events_topic)]
         else:
             messages = [_Message((job.text or "").encode("utf-8"), True)]
         for message in messages:
-            self._enqueue(message.payload, message.status)
+            self._enqueue(message.payload, message.status, message.topic)
 
-    def _enqueue(self, payload: bytes, status: bool = False) -> bool:
+    def _enqueue(self, payload: bytes, status: bool = False, topic: str | None = None) -> bool:
         if status:
             self.status_messages += 1
         if len(payload) > MAX_MESSAGE_BYTES:
             self.refused_too_large += 1
             outcome = f"refused: {len(payload)} bytes is over the {MAX_MESSAGE_BYTES // 1024} KB IoT limit"
             self._rl(logging.WARNING, "IoT message %s", outcome, key="too-large")
-            self._remember(payload, outcome)
+            self._remember(payload, outcome, topic)
             return False
-        dropped = self._outbox.add(_Message(payload, status))
+        dropped = self._outbox.add(_Message(payload, status, topic))
         if dropped is not None:
             self._rl(logging.WARNING, "IoT backlog full (%d messages, %s): dropping the oldest",
                      self.backlog_size, self.publisher.status()[1], key="backlog-full")
-            self._remember(dropped.payload, "dropped: the backlog was full")
+            self._remember(dropped.payload, "dropped: the backlog was full", dropped.topic)
         return True
 
-    def _remember(self, payload: bytes, outcome: str) -> None:
+    def _remember(self, payload: bytes, outcome: str, topic: str | None = None) -> None:
         text = payload[:2048].decode("utf-8", errors="replace")
-        entry = {"time": time.time(), "topic": self.topic, "payload": text, "bytes": len(payload),
+        entry = {"time": time.time(), "topic": topic or self.topic, "payload": text,
+                 "bytes": len(payload),
                  "status": outcome}
         with self._cond:
             self._recent.append(entry)

@@ -55,7 +55,9 @@ def renderer(
 
     def render(frame: Image) -> Image:
         started = time.perf_counter()
-        image = frame if (dw, dh) == (w, h) else cv2.resize(frame, (dw, dh))
+        # A copy, not the captured frame: it stays clean for whoever keeps it (Frame.raw, the
+        # recorder's snapshot without the overlay).
+        image = frame.copy() if (dw, dh) == (w, h) else cv2.resize(frame, (dw, dh))
         if draw:
             try:
                 shown = items if (dw, dh) == (w, h) else scale_items(items, dw / w, dh / h)
