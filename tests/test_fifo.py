@@ -490,3 +490,46 @@ def test_a_second_dashboard_on_the_same_fifo_warns_and_waits_its_turn(
             first.kill()
             first.wait(10)
     assert not fifo_path.exists()
+
+
+def test_health_clears_when_the_fault_clears_without_a_reader(writer: FifoWriter, feeding: Feeder,
+                                                               fifo_path: Path) -> None:
+    """Issue 16.8: the file put in the FIFO's place is removed: the writer makes its FIFO again
+    and /health is ok at once, before any reader comes."""
+    fifo_path.unlink()
+    fifo_path.write_bytes(b"someone else's file")
+    assert wait_for(lambda: not writer.health()[0])
+    fifo_path.unlink()
+    assert wait_for(lambda: writer.health()[0], timeout=10), writer.health()
+    assert writer.stats()["state"] == "waiting for a reader" and writer.stats()["problem"] is None
+    import stat
+
+    assert stat.S_ISFIFO(os.stat(fifo_path).st_mode)
+    frames, _ = read_fifo(fifo_path, 2)
+    assert len(frames) == 2
+
+
+def test_a_full_filesystem_is_named_as_such_and_clears_when_space_is_back(
+    tmp_path: Path, hub: FrameHub, feeding: Feeder
+) -> None:
+    """Issue 16.8: the FIFO removed (a tmp cleaner) on a filesystem with no inode left: /health
+    says "No space left on device", not "not a FIFO", and clears once an inode is free."""
+    from tests.test_values import fill, small_tmpfs
+
+    with small_tmpfs(tmp_path / "mnt", inodes=64) as mnt:
+        path = mnt / "results.mjpeg"
+        writer = FifoWriter(str(path), hub, "480p", poll_interval=POLL)
+        writer.start()
+        try:
+            assert path.exists() and writer.health()[0]
+            path.unlink()
+            made = fill(mnt, inodes=True)
+            assert wait_for(lambda: not writer.health()[0], timeout=10), writer.health()
+            ok, reason = writer.health()
+            assert "No space left on device" in reason and str(path) in reason, reason
+            assert "not a FIFO" not in reason and "not a FIFO" not in writer.stats()["state"]
+            made[-1].unlink()  # an inode free again
+            assert wait_for(lambda: writer.health()[0], timeout=10), writer.health()
+            assert path.exists()
+        finally:
+            stop(writer)

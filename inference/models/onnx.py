@@ -112,9 +112,14 @@ class OnnxModel:
         self._input_name = inputs[0].name
         self._output_names = [o.name for o in self._session.get_outputs()]
         size = input_size or (preprocess.width, preprocess.height) if preprocess else input_size
-        size = size or static_input_size(self._session)
+        fixed = static_input_size(self._session)
+        size = size or fixed
         if size is None:
             raise ModelError(f"model {name}: its input size is not fixed; give --input-size WxH")
+        if fixed is not None and tuple(size) != fixed:
+            # Every frame would fail in the model: refused at load (exit 2, or 422 live).
+            raise ModelError(f"model {name} takes {fixed[0]}x{fixed[1]} images only, not "
+                             f"{size[0]}x{size[1]}", option="--input-size")
         width, height = size
         if preprocess is None:
             layout = "nhwc" if inputs[0].shape[-1] in (1, 3) else "nchw"

@@ -66,6 +66,27 @@ def check_path(path: str) -> bool:
     return True
 
 
+def check_creatable(path: str) -> None:
+    """Refuse a FIFO that cannot be made at ``path`` (its directory missing, not writable, or on
+    a full filesystem), naming --fifo, when the outputs are built: found only when the writer
+    starts, it aborted the process with the loop already running."""
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        st = os.stat(folder)
+    except OSError as exc:
+        raise OutputError("--fifo", f"cannot make the FIFO {path}: {folder}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise OutputError("--fifo", f"cannot make the FIFO {path}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError("--fifo", f"cannot make the FIFO {path}: cannot write into {folder}")
+    vfs = os.statvfs(folder)
+    # A FIFO takes an inode, its lock file an inode and a block (the writer's pid). f_files is 0
+    # on filesystems without an inode count.
+    if (vfs.f_files and not vfs.f_favail) or not vfs.f_bavail:
+        raise OutputError("--fifo", f"cannot make the FIFO {path}: the filesystem of {folder} is "
+                          "full (No space left on device)")
+
+
 def _unread_bytes(fd: int) -> int | None:
     """Bytes written to the pipe and not yet read (Linux FIONREAD works on the write end too)."""
     fionread = getattr(termios, "FIONREAD", None)
@@ -92,7 +113,9 @@ class FifoWriter(Worker):
         self.hub = hub
         self.res = res
         self.poll_interval = poll_interval
-        check_path(path)  # refuse a regular file at build time, before anything starts
+        # Refuse a regular file, or a FIFO that cannot be made, at build time, before anything starts.
+        if not check_path(path):
+            check_creatable(path)
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._pending: memoryview | None = None  # the unwritten rest of a frame already started
@@ -149,8 +172,11 @@ class FifoWriter(Worker):
                 log.warning("project stream: %s", message)
             self._other_writer = message
             return False
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:  # a full filesystem: the lock holds all the same, nameless
+            log.debug("cannot write the pid into %s: %s", self.lock_path, exc)
         self._lock_fd = fd
         if self._other_writer is not None:
             log.info("project stream: the other writer of %s is gone; writing to it now", self.path)
@@ -181,12 +207,17 @@ class FifoWriter(Worker):
     def start(self) -> None:
         if self.alive:
             return
-        if self._take_lock() and not check_path(self.path):
-            self._mkfifo()
         self._problem = None
         self._state = "waiting for a reader"
+        try:
+            if self._take_lock() and not check_path(self.path):
+                self._mkfifo()
+        except OutputError as exc:
+            # Gone bad since the build (the directory removed, the disk filled): a fault for
+            # /health that the thread retries, not an error out of the service's start.
+            self._degrade(exc.message)
         super().start()
-        if self._other_writer is None:
+        if self._other_writer is None and self._problem is None:
             log.info("project stream FIFO %s (%s): waiting for a reader", self.path, self.res)
 
     def stop(self, deadline: float) -> bool:
@@ -304,6 +335,7 @@ class FifoWriter(Worker):
         except OutputError as exc:
             self._degrade(exc.message)
             return False
+        self._recovered()
         self.open_attempts += 1
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -339,7 +371,15 @@ class FifoWriter(Worker):
         if self._problem != message:
             log.error("project stream: %s", message)
         self._problem = message
-        self._state = "stopped: path is not a FIFO"
+        self._state = f"stopped: {message}"  # the fault as it is (ENOSPC is no "not a FIFO")
+
+    def _recovered(self) -> None:
+        """The path is a FIFO again: the fault is over, with or without a reader."""
+        if self._problem is None:
+            return
+        log.info("project stream: %s is a FIFO again; waiting for a reader", self.path)
+        self._problem = None
+        self._state = "waiting for a reader"
 
     def _reader_still_there(self) -> bool:
         """Notice a reader that left (POLLERR on the write end) and a path no longer a FIFO."""
