@@ -123,12 +123,13 @@ def test_fuzz_no_5xx_and_4xx_names_the_field(srv: Running, operation: Any, mode:
 
 
 # -- the CLI and the environment: every option, generated from Settings.model_fields ---------------------
-CANDIDATES = ["abc", "", "-1", "0", "1.5", "99999999", "1e309", "nan", "-inf", "{", "0x10", "8x", "1,2", ","]
+CANDIDATES = ["abc", "", "-1", "0", "1.5", "99999999", "1e309", "nan", "-inf", "{", "0x10", "8x", "1,2", ",",
+              "cat:2"]
 # Free text, checked when used (at start, naming the option: test_cli, test_models, test_security,
 # test_iot): no value is wrong for the parser itself.
 FREE_TEXT = {"source", "model", "labels", "token", "ssl_certfile", "ssl_keyfile", "mqtt_ca", "mqtt_cert",
              "mqtt_key", "thing_name", "mqtt_client_id", "mqtt_username", "mqtt_password",
-             "mqtt_password_file", "token_file"}
+             "mqtt_password_file", "token_file", "data_dir"}
 
 
 def flag_of(name: str) -> str:

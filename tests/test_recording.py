@@ -21,8 +21,7 @@ from inference.events.store import CLOSED, INTERRUPTED, EventStore
 from inference.service import Service
 from inference.settings import Settings
 from tests.conftest import ROOT, free_port, require_tool
-from tests.test_iot import Broker, Subscriber  # noqa: F401  (fixtures below use them)
-from tests.test_iot import broker, brokers, subscribers  # noqa: F401
+from tests.test_iot import Broker, broker, brokers, subscribers  # noqa: F401  (fixtures)
 
 
 def ffprobe(path: Path) -> Dict[str, Any]:
@@ -58,7 +57,7 @@ def wait_for(predicate: Any, timeout: float, what: str) -> Any:
 
 
 def test_a_cat_in_a_slideshow_is_an_event_with_its_clip_snapshots_and_notices(
-        slideshow: Path, tmp_path: Path, broker: Broker, subscribers: Any) -> None:
+        slideshow: Path, tmp_path: Path, broker: Broker, subscribers: Any) -> None:  # noqa: F811
     pre_roll, post_roll, fps = 2.0, 1.5, 10.0
     settings = Settings(
         source=str(slideshow), slide_interval=2.5, model="catdog", record=("cat:0.5",),

@@ -42,7 +42,7 @@ from tests.conftest import free_port, require_tool
 from tests.test_server import TOKEN, PartReader, Running, fake_model_factory, running_server
 
 MUTATING = {"POST", "PUT", "PATCH", "DELETE"}
-PATH_VALUES = {"action": "pause"}
+PATH_VALUES = {"action": "pause", "event_id": "1"}
 
 
 def _walk(routes: list[Any]) -> Iterator[APIRoute]:
