@@ -86,11 +86,12 @@ def create_app(service: Service, token: Optional[str] = None, fallbacks: Sequenc
         # Host: only the names given are served. No www. redirect: a device has no www twin.
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)
     # Outermost, so every answer has them, the refusals of the layers above included.
-    app.add_middleware(SecurityHeaders, inline_script_paths=(app.docs_url,) if app.docs_url else ())
+    app.add_middleware(SecurityHeaders, inline_script_paths=(DOCS_URL, f"{DOCS_URL}/oauth2-redirect"))
     app.add_exception_handler(HTTPException, _body_not_text)
     return app
 
 
+DOCS_URL = "/docs"
 DOCS_ASSETS = "/docs-assets"
 
 
@@ -102,7 +103,7 @@ def _fastapi(**kwargs: Any) -> FastAPI:
     except ImportError:  # an install without it still serves everything but the docs' looks
         log.warning("fastapi-offline is not installed: /docs and /redoc need internet access")
         return FastAPI(**kwargs)
-    app = FastAPIOffline(static_url=DOCS_ASSETS, redoc_url=None, **kwargs)
+    app = FastAPIOffline(docs_url=DOCS_URL, static_url=DOCS_ASSETS, redoc_url=None, **kwargs)
 
     # One docs page: ReDoc's bundle fetches its footer logo from its vendor's CDN on every view
     # (a request off the device, failing offline), and Swagger UI also lets one try the API.

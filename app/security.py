@@ -1,30 +1,47 @@
 """The control token: who may change things, and which requests may carry the cookie.
 
 Mutating endpoints need the token (``Authorization: Bearer`` or the page cookie) and a
-same-origin request; read-only views need it only with ``--protect-views``. The cookie holds an
-HMAC of the token, not the token, so no response ever carries the secret itself.
+same-origin request; read-only views need it only with ``--protect-views``. The cookie holds the
+time it was issued and an HMAC of that time keyed by the token, not the token: no response ever
+carries the secret itself, the cookie expires on the server after ``COOKIE_MAX_AGE``, survives a
+restart with the same token and dies with a token change. Wrong tokens are throttled per client
+address (:class:`LoginThrottle`).
 """
 
 from __future__ import annotations
 
+import base64
 import errno
 import hashlib
 import hmac
+import ipaddress
 import logging
+import math
 import os
 import re
 import secrets
 import stat
+import threading
+import time
+from collections import OrderedDict
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Optional, Tuple
-from urllib.parse import urlsplit
+from typing import Callable, Dict, List, Optional, Tuple
+from urllib.parse import unquote_plus, urlsplit
 
 from fastapi import HTTPException, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 COOKIE_NAME = "deeplens_session"
-_COOKIE_CONTEXT = b"deeplens-dashboard control cookie v1"
-_TOKEN_IN_TEXT = re.compile(r"(token=)[^&\s\"']+", re.IGNORECASE)
+_COOKIE_CONTEXT = b"deeplens-dashboard control cookie v2|"
+# A month: the page is opened now and then on a device one owns, so a monthly visit to the control
+# URL costs little, while a cookie left in a browser (a shared or lost laptop) stops working.
+COOKIE_MAX_AGE = 30 * 24 * 3600
+# A cookie issued "later" than now is accepted within this much, for a clock set back a little.
+_COOKIE_CLOCK_SKEW = 24 * 3600
+MIN_TOKEN_LENGTH = 16
+# One query parameter (its key still percent-encoded) in a URL inside log text.
+_QUERY_PARAM = re.compile(r"(?P<lead>^|[?&;\s])(?P<param>[^?&;=\s\"']*(?:=[^&;\s\"']*)?)")
 
 
 _TOKEN_TEXT = re.compile(r"[A-Za-z0-9_.~-]{16,256}")
@@ -116,8 +133,14 @@ def keep_token(path: Path) -> Tuple[str, bool]:
     return kept, _same(kept, token)
 
 
-def cookie_value(token: str) -> str:
-    return hmac.new(token.encode(), _COOKIE_CONTEXT, hashlib.sha256).hexdigest()
+def cookie_value(token: str, issued: Optional[float] = None) -> str:
+    """``ISSUED.MAC``: the Unix time it was issued and an HMAC of that time keyed by the token."""
+    when = str(int(time.time() if issued is None else issued))
+    return f"{when}.{_cookie_mac(token, when)}"
+
+
+def _cookie_mac(token: str, issued: str) -> str:
+    return hmac.new(token.encode(), _COOKIE_CONTEXT + issued.encode(), hashlib.sha256).hexdigest()
 
 
 def _same(a: str, b: str) -> bool:
@@ -135,8 +158,13 @@ def bearer_ok(request: Request, token: str) -> bool:
 
 
 def cookie_ok(request: Request, token: str) -> bool:
-    value = request.cookies.get(COOKIE_NAME, "")
-    return bool(value) and _same(value, cookie_value(token))
+    issued, _, mac = request.cookies.get(COOKIE_NAME, "").partition(".")
+    if not (issued.isdigit() and len(issued) <= 12 and mac):
+        return False
+    if not _same(mac, _cookie_mac(token, issued)):
+        return False
+    age = time.time() - int(issued)
+    return -_COOKIE_CLOCK_SKEW <= age <= COOKIE_MAX_AGE
 
 
 def query_ok(request: Request, token: str) -> bool:
@@ -144,13 +172,116 @@ def query_ok(request: Request, token: str) -> bool:
     return bool(value) and _same(value, token)
 
 
+def _presented(request: Request, allow_query: bool) -> bool:
+    """Whether the request offers a credential that could be the token (a guess if wrong)."""
+    scheme, _, value = request.headers.get("authorization", "").partition(" ")
+    return bool(
+        (scheme.lower() == "bearer" and value.strip()) or request.cookies.get(COOKIE_NAME)
+        or (allow_query and request.query_params.get("token"))
+    )
+
+
 def authorized(request: Request, allow_query: bool = False) -> bool:
+    """Whether the request carries the token. A wrong one counts against its client address;
+    from an address with too many, any credential is answered 429 before it is looked at (else
+    the right guess would still show as a 200)."""
     token = token_of(request)
-    if not token:
+    if not token or not _presented(request, allow_query):
         return False
-    return bearer_ok(request, token) or cookie_ok(request, token) or (
+    # One request may be asked twice (the page, then its controls): one guess, counted once.
+    decided: Dict[bool, bool] = request.scope.setdefault("deeplens.authorized", {})
+    if allow_query in decided:
+        return decided[allow_query]
+    throttle: Optional[LoginThrottle] = getattr(request.app.state, "throttle", None)
+    address = request.client.host if request.client else ""
+    if throttle is not None:
+        wait = throttle.blocked(address)
+        if wait > 0:
+            raise HTTPException(
+                429, f"too many wrong tokens from {address}: try again in {math.ceil(wait)} s",
+                headers={"Retry-After": str(math.ceil(wait))})
+    ok = bearer_ok(request, token) or cookie_ok(request, token) or (
         allow_query and query_ok(request, token)
     )
+    if not ok and throttle is not None:
+        throttle.failed(address)
+    decided[allow_query] = ok
+    return ok
+
+
+def stale_cookie(request: Request) -> bool:
+    """A cookie that no longer opens the controls (expired, or made with an older token): the
+    answer removes it, so a browser does not keep offering it as a wrong guess."""
+    return bool(request.cookies.get(COOKIE_NAME)) and not cookie_ok(request, token_of(request))
+
+
+CLEAR_COOKIE = f"{COOKIE_NAME}=; Max-Age=0; Path=/; HttpOnly; SameSite=strict"
+
+
+class LoginThrottle:
+    """Wrong-token failures per client address, in bounded memory.
+
+    The first ``free_failures`` cost nothing (typos); from then on each failure blocks its address
+    for twice as long as the one before (1 s, 2 s, 4 s ... up to ``MAX_DELAY``), during which every
+    request there offering a credential gets 429. Only that address waits: the right token from
+    anywhere else is never slowed; on a shared address (NAT, a proxy) the owner waits too, which
+    cannot be helped without telling a right guess apart from a wrong one. An address quiet for
+    ``FORGET_AFTER`` starts afresh. IPv6 clients count by /64, the block one host is usually given.
+    At most ``max_addresses`` are tracked; past that the one whose last failure is oldest is
+    dropped."""
+
+    FREE_FAILURES = 5
+    FIRST_DELAY = 1.0
+    MAX_DELAY = 60.0
+    FORGET_AFTER = 15 * 60.0
+    MAX_ADDRESSES = 4096
+
+    def __init__(self, free_failures: int = FREE_FAILURES, max_addresses: int = MAX_ADDRESSES,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.free_failures = free_failures
+        self.max_addresses = max_addresses
+        self._clock = clock
+        self._lock = threading.Lock()
+        # address -> [failures, time of the last one, blocked until]; oldest failure first
+        self._seen: OrderedDict[str, List[float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    @staticmethod
+    def _key(address: str) -> str:
+        try:
+            ip = ipaddress.ip_address(address)
+        except ValueError:
+            return address
+        if isinstance(ip, ipaddress.IPv6Address):
+            if ip.ipv4_mapped is not None:
+                return str(ip.ipv4_mapped)
+            return str(ipaddress.IPv6Network(f"{ip}/64", strict=False))
+        return str(ip)
+
+    def blocked(self, address: str) -> float:
+        """Seconds ``address`` must still wait (0: not blocked)."""
+        now = self._clock()
+        with self._lock:
+            entry = self._seen.get(self._key(address))
+            return max(0.0, entry[2] - now) if entry is not None else 0.0
+
+    def failed(self, address: str) -> None:
+        now = self._clock()
+        key = self._key(address)
+        with self._lock:
+            entry = self._seen.pop(key, None)
+            if entry is None or now - entry[1] > self.FORGET_AFTER:
+                entry = [0.0, now, 0.0]
+            entry[0] += 1
+            entry[1] = now
+            beyond = int(entry[0]) - self.free_failures
+            if beyond >= 0:
+                entry[2] = now + min(self.MAX_DELAY, self.FIRST_DELAY * 2.0 ** min(beyond, 30))
+            self._seen[key] = entry
+            while len(self._seen) > self.max_addresses:
+                self._seen.popitem(last=False)
 
 
 def same_origin(request: Request) -> bool:
@@ -177,8 +308,15 @@ async def require_control(request: Request) -> None:
             401,
             "the control token is missing or wrong: send 'Authorization: Bearer TOKEN' or open "
             "the control URL printed at start (…/?token=TOKEN) once in this browser",
-            headers={"WWW-Authenticate": "Bearer"},
+            headers=_refusal_headers(request),
         )
+
+
+def _refusal_headers(request: Request) -> Dict[str, str]:
+    headers = {"WWW-Authenticate": "Bearer"}
+    if stale_cookie(request):
+        headers["Set-Cookie"] = CLEAR_COOKIE
+    return headers
 
 
 async def require_view(request: Request) -> None:
@@ -189,18 +327,105 @@ async def require_view(request: Request) -> None:
     if not authorized(request, allow_query=True):
         raise HTTPException(
             401, "this dashboard is protected (--protect-views): give the token",
-            headers={"WWW-Authenticate": "Bearer"},
+            headers=_refusal_headers(request),
         )
 
 
+def redact_query(text: str) -> str:
+    """``text`` with the value of every query parameter named ``token`` masked, the name compared
+    as the server reads it (percent-decoded: ``%74oken=`` is ``token=`` to Starlette), in any case,
+    with ``;`` taken as a separator too (Python 3.7's parse_qsl does)."""
+
+    def mask(match: re.Match[str]) -> str:
+        param = match.group("param")
+        if not unquote_plus(param).lstrip().lower().startswith("token="):
+            return match.group(0)
+        key = param.partition("=")[0]
+        if unquote_plus(key).strip().lower() == "token":
+            return f"{match.group('lead')}{key}=***"
+        return f"{match.group('lead')}***"  # its "=" was encoded too: nothing of it is kept
+
+    return _QUERY_PARAM.sub(mask, text)
+
+
 class RedactTokens(logging.Filter):
-    """Masks ``token=...`` in log records (uvicorn's access log prints query strings)."""
+    """Masks the token of ``?token=...`` in log records (uvicorn's access log prints query
+    strings as they came, still percent-encoded)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if isinstance(record.args, tuple):
-            record.args = tuple(
-                _TOKEN_IN_TEXT.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args
-            )
-        if isinstance(record.msg, str) and "token=" in record.msg.lower():
-            record.msg = _TOKEN_IN_TEXT.sub(r"\1***", record.msg)
+            record.args = tuple(redact_query(a) if isinstance(a, str) else a for a in record.args)
+        if isinstance(record.msg, str):
+            record.msg = redact_query(record.msg)
         return True
+
+
+# What the pages need and no more: scripts, styles, the stream and fetch/SSE from the dashboard
+# itself; images also as data: URIs (the page's blank favicon, Swagger UI's icons). Nothing may
+# frame a page (clickjacking the controls), and no page may be told to post elsewhere.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
+_INLINE_SCRIPT = re.compile(rb"<script>(.*?)</script>", re.DOTALL)
+
+
+class SecurityHeaders:
+    """Framing, content-security, sniffing and referrer headers on every answer, errors included.
+
+    ``inline_script_paths``: pages whose own inline scripts are allowed by their hash (Swagger
+    UI's /docs starts itself with one); the page is read whole, which only a small, finite HTML
+    answer may be."""
+
+    def __init__(self, app: ASGIApp, inline_script_paths: Tuple[str, ...] = ()) -> None:
+        self.app = app
+        self.inline_script_paths = frozenset(inline_script_paths)
+
+    @staticmethod
+    def _headers(policy: str) -> List[Tuple[bytes, bytes]]:
+        return [
+            (b"content-security-policy", policy.encode()),
+            (b"x-frame-options", b"DENY"),
+            (b"x-content-type-options", b"nosniff"),
+            # The control URL carries the token in its query: no page passes its address on.
+            (b"referrer-policy", b"no-referrer"),
+        ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if scope["path"] not in self.inline_script_paths:
+            extra = self._headers(CONTENT_SECURITY_POLICY)
+
+            async def with_headers(message: Message) -> None:
+                if message["type"] == "http.response.start":
+                    message = {**message, "headers": [*message.get("headers", []), *extra]}
+                await send(message)
+
+            await self.app(scope, receive, with_headers)
+            return
+
+        start: Dict[str, Message] = {}
+        body: List[bytes] = []
+
+        async def buffered(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                start["message"] = message
+                return
+            if message["type"] != "http.response.body":
+                await send(message)
+                return
+            body.append(message.get("body", b""))
+            if message.get("more_body", False):
+                return
+            content = b"".join(body)
+            hashes = " ".join(
+                f"'sha256-{base64.b64encode(hashlib.sha256(script).digest()).decode()}'"
+                for script in _INLINE_SCRIPT.findall(content))
+            policy = CONTENT_SECURITY_POLICY + (f"; script-src 'self' {hashes}" if hashes else "")
+            first = start["message"]
+            await send({**first, "headers": [*first.get("headers", []), *self._headers(policy)]})
+            await send({"type": "http.response.body", "body": content, "more_body": False})
+
+        await self.app(scope, receive, buffered)

@@ -120,6 +120,9 @@ def _uvicorn_config(app: FastAPI, settings: Settings, edge: Edge) -> uvicorn.Con
         access_log=settings.log_level == "debug",
         log_config=None,  # our handlers (app.cli.setup_logging), not uvicorn's own
         lifespan="on",
+        # uvicorn believes X-Forwarded-For from 127.0.0.1 by default: any local process could
+        # then pick the client address the login throttle counts by (app.security).
+        proxy_headers=False,
         timeout_graceful_shutdown=GRACEFUL_SECONDS,
     )
 

@@ -127,7 +127,7 @@ CANDIDATES = ["abc", "", "-1", "0", "1.5", "99999999", "1e309", "nan", "-inf", "
               "cat:2"]
 # Free text, checked when used (at start, naming the option: test_cli, test_models, test_security,
 # test_iot): no value is wrong for the parser itself.
-FREE_TEXT = {"source", "model", "labels", "token", "ssl_certfile", "ssl_keyfile", "mqtt_ca", "mqtt_cert",
+FREE_TEXT = {"source", "model", "labels", "ssl_certfile", "ssl_keyfile", "mqtt_ca", "mqtt_cert",
              "mqtt_key", "thing_name", "mqtt_client_id", "mqtt_username", "mqtt_password",
              "mqtt_password_file", "token_file", "data_dir"}
 

@@ -99,7 +99,7 @@ def lambda_env(tmp_path: Path, image_file: Path) -> dict[str, str]:
         DEEPLENS_FIFO=str(tmp_path / "results.mjpeg"),
         DEEPLENS_MODEL_TYPE="classification",
         DEEPLENS_LABELS="imagenet",
-        DEEPLENS_TOKEN="control-token",
+        DEEPLENS_TOKEN="control-token-0123456789",
     )
     return env
 

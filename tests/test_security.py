@@ -92,6 +92,19 @@ def srv() -> Iterator[Running]:
         yield running
 
 
+@pytest.fixture(autouse=True)
+def _unthrottled(request: pytest.FixtureRequest) -> None:
+    """These tests send many wrong tokens from one address on purpose, to see each refused with
+    401: a fresh throttle before each attempt lets every one reach the token check (the throttle
+    itself: test_auth_hardening)."""
+    if "srv" in request.fixturenames:
+        _fresh_throttle(request.getfixturevalue("srv"))
+
+
+def _fresh_throttle(srv: Running) -> None:
+    srv.thread.server.app.state.throttle = app.security.LoginThrottle()
+
+
 def _unchanged(srv: Running) -> None:
     assert srv.service.loop.state.value == "running"
     assert srv.service.settings.threshold == 0.0 and srv.service.settings.top_k == 5
@@ -113,6 +126,7 @@ def test_every_mutation_refuses_no_token_and_a_wrong_one(srv: Running, method: s
         {"cookies": {COOKIE_NAME: cookie_value("guess")}},
     ]
     for attempt in attempts:
+        _fresh_throttle(srv)
         cookies = attempt.pop("cookies", None)
         with srv.client(cookies=cookies) as client:
             response = client.request(method, path, json=body, **attempt)
@@ -161,9 +175,10 @@ def test_token_checks_use_compare_digest(srv: Running, monkeypatch: pytest.Monke
         assert client.post("/api/pipeline/resume").status_code == 401
     assert (b"guess-0123456789abcdefg", TOKEN.encode()) in compared
     compared.clear()
-    with srv.client(cookies={COOKIE_NAME: "f" * 64}) as client:
+    issued = "1700000000"
+    with srv.client(cookies={COOKIE_NAME: f"{issued}.{'f' * 64}"}) as client:
         assert client.post("/api/pipeline/resume").status_code == 401
-    assert (b"f" * 64, cookie_value(TOKEN).encode()) in compared
+    assert (b"f" * 64, cookie_value(TOKEN, issued=int(issued)).split(".")[1].encode()) in compared
     # And no token or cookie comparison with == anywhere in the module.
     tree = ast.parse(inspect.getsource(app.security))
     for node in ast.walk(tree):
@@ -339,6 +354,7 @@ def test_protect_views_covers_every_view_in_the_schema() -> None:
             if path in OPEN_VIEWS:
                 assert anonymous.get(path).status_code == 200, path
                 continue
+            _fresh_throttle(srv)  # a wrong token per view, on purpose
             for params in ({}, {"token": "wrong"}):
                 with anonymous.stream("GET", path, params=params) as refused:
                     assert refused.status_code == 401, path

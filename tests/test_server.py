@@ -257,11 +257,11 @@ def test_the_app_token_is_the_given_one_else_the_setting_else_generated() -> Non
     assert len(generated) >= 24
     assert create_app(service).state.token != generated, "each app generates its own"
     assert create_app(service, token=generated).state.token == generated
-    mine = Service(Settings(token="mine"))
-    assert create_app(mine).state.token == "mine"
+    mine = Service(Settings(token="mine-0123456789abcdef"))
+    assert create_app(mine).state.token == "mine-0123456789abcdef"
     assert create_app(mine, token="given").state.token == "given"
     # The server's app is where the CLI and the Lambda read the token they log.
-    assert create_server(mine).app.state.token == "mine"
+    assert create_server(mine).app.state.token == "mine-0123456789abcdef"
     assert len(create_server(service).app.state.token) >= 24
 
 

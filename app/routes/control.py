@@ -13,7 +13,7 @@ from typing_extensions import Literal
 from app.broadcast import call_in_thread
 from app.deps import ControlDep, ServiceDep, ViewDep
 from app.routes import PrettyJSONResponse, field_error
-from app.security import COOKIE_NAME, authorized, cookie_value
+from app.security import CLEAR_COOKIE, COOKIE_MAX_AGE, COOKIE_NAME, authorized, cookie_value, stale_cookie
 from inference import RESOLUTION_NAMES
 from inference.models.catalog import BUILTIN, known_model
 from inference.pipeline.loop import LoopState
@@ -56,8 +56,8 @@ async def page(request: Request, service: ServiceDep, token: Optional[str] = Non
             # Trade the link's token for a cookie and drop it from the address bar and history.
             response = RedirectResponse("/", status_code=303)
             response.set_cookie(
-                COOKIE_NAME, cookie_value(request.app.state.token), httponly=True, samesite="strict",
-                secure=request.url.scheme == "https", path="/",
+                COOKIE_NAME, cookie_value(request.app.state.token), max_age=COOKIE_MAX_AGE,
+                httponly=True, samesite="strict", secure=request.url.scheme == "https", path="/",
             )
             return response
         return _render(request, status=401, notice="The token in this link is not valid: "
@@ -85,6 +85,8 @@ def _render(request: Request, status: int = 200, notice: str = "", locked: bool 
     html = request.app.state.templates.get_template("index.html").render(request=request, **context)
     response: Response = HTMLResponse(html, status_code=status)
     response.headers["Cache-Control"] = "no-store"
+    if stale_cookie(request):
+        response.headers["Set-Cookie"] = CLEAR_COOKIE
     return response
 
 
