@@ -28,6 +28,7 @@ from inference.pipeline.frames import Frame, FrameHub
 from inference.workers import FunctionWorker
 
 if TYPE_CHECKING:
+    from inference.events.recorder import Recorder
     from inference.service import Service
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,9 @@ FPS_WINDOW = 2.0
 # a phone changing networks, a browser's busy main thread; a client that took nothing for 10 s
 # while frames kept coming is gone or hostile, and a full cap frees in ~10 s, not never.
 STALL_SECONDS = 10.0
+# Event notices kept for subscribers still sending earlier ones; one further behind is told it
+# missed some ("gap") and the page reloads the history. Notices come a few per second at most.
+NOTICES_KEPT = 64
 _SIOCOUTQ = 0x5411  # Linux: bytes in a TCP socket's send queue, sent or not, not yet acked
 
 
@@ -348,6 +352,12 @@ class Broadcaster:
         # event stream knows to send them again; a subscriber compares it with what it sent.
         self.changes = 0
         self._followed: Service | None = None
+        # The recorder's notices (new, update, end of an event), each encoded once as an SSE
+        # event and numbered on the event loop: a subscriber sends those numbered above its own.
+        self.notices = 0
+        self._notices: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=NOTICES_KEPT)
+        self._encode_notice: Callable[[dict[str, Any]], bytes] | None = None
+        self._recorder: Recorder | None = None
 
     # -- wiring ----------------------------------------------------------------------------------
     def attach(self) -> None:
@@ -355,17 +365,28 @@ class Broadcaster:
         self.hub.add_listener(self._listener)
         self._ticker = self._loop.create_task(self._tick())
 
-    def follow(self, service: Service) -> None:
-        """Count (and wake waiters on) the changes of ``service``'s settings and state.
-        Idempotent: called by each event stream, the first one subscribes."""
+    def follow(self, service: Service,
+               encode_notice: Callable[[dict[str, Any]], bytes] | None = None) -> None:
+        """Count (and wake waiters on) the changes of ``service``'s settings and state, and keep
+        its recorder's event notices as ``encode_notice`` makes them. Idempotent: called by each
+        event stream, the first one subscribes."""
         if self._followed is None:
             self._followed = service
             service.add_listener(self._service_changed)
+            recorder = service.recorder
+            if recorder is not None and encode_notice is not None:
+                self._encode_notice = encode_notice
+                self._recorder = recorder
+                recorder.listeners.append(self._event_notice)
 
     def detach(self, deadline: float) -> None:
         if self._followed is not None:
             self._followed.remove_listener(self._service_changed)
             self._followed = None
+        if self._recorder is not None:
+            if self._event_notice in self._recorder.listeners:
+                self._recorder.listeners.remove(self._event_notice)
+            self._recorder = None
         self.hub.remove_listener(self._listener)
         if self._encoders is not None:
             self._encoders.stop(deadline)
@@ -412,6 +433,32 @@ class Broadcaster:
         self.changes += 1
         self._wake()
 
+    def _event_notice(self, kind: str, payload: dict[str, Any]) -> None:
+        # On the recorder's thread: encoded here, once for every subscriber and off the event
+        # loop, then handed off; never blocks the recorder.
+        encode = self._encode_notice
+        if encode is None:
+            return
+        try:
+            data = encode(payload)
+        except Exception:
+            log.exception("event notice %s could not be encoded", kind)
+            return
+        _call_soon(self._loop, self._add_notice, data)
+
+    def _add_notice(self, data: bytes) -> None:
+        self.notices += 1
+        self._notices.append((self.notices, data))
+        self._wake()
+
+    def notice_after(self, number: int) -> tuple[int, bytes | None]:
+        """The notice after ``number`` and its own number; ``None`` for its bytes when it is no
+        longer kept (the caller missed some: the number returned skips to the oldest kept)."""
+        oldest = self._notices[0][0] if self._notices else self.notices + 1
+        if number + 1 < oldest:
+            return oldest - 1, None
+        return self._notices[number + 1 - oldest]  # numbered without holes
+
     async def _tick(self) -> None:
         # Waiters re-check their deadlines and the shutdown at least this often, without a
         # timer task per wait.
@@ -433,15 +480,19 @@ class Broadcaster:
                 self.remove_viewer(viewer)
 
     # -- waiting ---------------------------------------------------------------------------------
-    async def wait_newer(self, seq: int, deadline: float, changes: int | None = None) -> bool:
+    async def wait_newer(self, seq: int, deadline: float, changes: int | None = None,
+                         notices: int | None = None) -> bool:
         """True once the hub has a frame newer than ``seq``; False at ``deadline``, at shutdown,
-        or as soon as ``changes`` (if given) is no longer the service's change count."""
+        or as soon as ``changes`` (if given) is no longer the service's change count or
+        ``notices`` (if given) no longer the number of event notices."""
         self._waiting += 1
         try:
             while not self._closed:
                 if self.hub.seq > seq and not self.hub.closed:
                     return True
                 if changes is not None and changes != self.changes:
+                    return False
+                if notices is not None and notices != self.notices:
                     return False
                 if time.monotonic() >= deadline:
                     return False

@@ -50,9 +50,37 @@ def _event(data: dict[str, Any], seq: int) -> bytes:
     return f"id: {seq}\nevent: result\ndata: {text}\n\n".encode()
 
 
+def _with_urls(event: dict[str, Any] | None) -> dict[str, Any] | None:
+    # As GET /api/events shows an event, so the page renders a notice like a history row.
+    if event is None:
+        return None
+    base = f"/api/events/{event['id']}"
+    return {**event, "snapshot_url": f"{base}/snapshot.jpg" if event.get("has_snapshot") else None,
+            "clip_url": f"{base}/clip.mp4" if event.get("has_clip") else None}
+
+
+def encode_notice(payload: dict[str, Any]) -> bytes:
+    """An event notice (``{"type": "new"|"update"|"end", "before", "after"}``) as the SSE event
+    ``event``."""
+    data = {**payload, "before": _with_urls(payload.get("before")),
+            "after": _with_urls(payload.get("after"))}
+    try:
+        text = json.dumps(data, separators=(",", ":"), allow_nan=False)
+    except ValueError:
+        text = json.dumps(_finite(data), separators=(",", ":"))
+    return f"event: event\ndata: {text}\n\n".encode()
+
+
+# Told to a subscriber that fell behind by more than the notices kept: the page reloads the history.
+GAP_NOTICE = b'event: event\ndata: {"type":"gap","before":null,"after":null}\n\n'
+
+
 async def _events(broadcaster: Broadcaster, service: Service, viewer: Viewer) -> AsyncIterator[bytes]:
     yield f"retry: {SSE_RETRY_MS}\n\n".encode()
-    broadcaster.follow(service)
+    broadcaster.follow(service, encode_notice)
+    # Only the notices from now on: the page loads the history with GET /api/events once the
+    # first state event (below) tells it this stream is following.
+    notices = broadcaster.notices
     changes = -1  # the settings and state go first, then again after each change
     last_seq = 0
     last_sent = time.monotonic()
@@ -61,10 +89,15 @@ async def _events(broadcaster: Broadcaster, service: Service, viewer: Viewer) ->
             changes, last_sent = broadcaster.changes, time.monotonic()
             yield control_events(service)
             continue
-        newer = await broadcaster.wait_newer(last_seq, last_sent + SSE_KEEPALIVE, changes)
+        if notices != broadcaster.notices:
+            notices, notice = broadcaster.notice_after(notices)
+            last_sent = time.monotonic()
+            yield GAP_NOTICE if notice is None else notice
+            continue
+        newer = await broadcaster.wait_newer(last_seq, last_sent + SSE_KEEPALIVE, changes, notices)
         if broadcaster.closed:
             break
-        if changes != broadcaster.changes:
+        if changes != broadcaster.changes or notices != broadcaster.notices:
             continue
         item = service.hub.latest()
         if not newer or item is None:
@@ -90,7 +123,7 @@ def _shared_event(broadcaster: Broadcaster, service: Service, item: Frame) -> by
 
 @router.get(
     "/results/events",
-    summary="Server-Sent Events: one 'result' event per new result",
+    summary="Server-Sent Events: one 'result' event per new result, 'event' notices",
     response_class=StreamingResponse,
     responses={200: {"content": {"text/event-stream": {}}}, 503: {"description": "Too many subscribers"}},
 )
@@ -99,7 +132,10 @@ async def result_events(request: Request, service: ServiceDep,
     """Each event is ``event: result`` with ``id`` = seq and the ``/results`` JSON as data; the
     latest result comes at once on connect. A slow subscriber skips to the latest. ``config``
     (as ``GET /api/config``) and ``state`` (``{"state", "actions"}``) events come first and
-    again after each change of the live settings or the pipeline's state."""
+    again after each change of the live settings or the pipeline's state. With recording on,
+    each event's start, update and end comes as ``event: event`` with ``{"type": "new"|"update"
+    |"end", "before", "after"}`` (an event as ``GET /api/events`` shows it), from the time of
+    connecting on; ``"type": "gap"`` says some were missed (reload the history)."""
     limit = service.settings.max_viewers
     viewer = broadcaster.add_viewer(client_name(request), "-", None, limit, kind="sse")
     if viewer is None:
