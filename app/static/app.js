@@ -18,6 +18,7 @@
   let actions = null; // the actions the server offers in this state; null until it says
   let reconnects = 0;
   let events = null;
+  let needHistory = false; // a new event stream: load the event history once it follows
 
   function applyButtons() {
     document.querySelectorAll("[data-action]").forEach((button) => {
@@ -140,13 +141,21 @@
   function connectEvents() {
     const es = new EventSource("/results/events");
     events = es;
+    needHistory = true;
     es.addEventListener("config", handle("config", (c) => { followConfig(c); }));
     es.addEventListener("state", handle("state", (s) => {
       reconnects = 0;
       setOnline();
       setState(s.state, s.actions);
+      // The stream sends the notices from its first state event on: the history loaded now
+      // misses none (notices that race the answer are merged), whatever happened while offline.
+      if (needHistory) {
+        needHistory = false;
+        loadEvents();
+      }
     }));
     es.addEventListener("result", handle("result", renderResult));
+    es.addEventListener("event", handle("event", onNotice));
     // EventSource retries a dropped connection itself, but gives up for good on an answer that
     // is not a stream (a 503 while the server starts): reconnect here instead, in both cases.
     es.addEventListener("error", () => {
@@ -285,6 +294,332 @@
       $("no-iot").hidden = rows.length > 0;
     } catch (e) { /* as above */ }
   }
+
+  // -- events: the history, live notices, the clip player --------------------------------------
+  const canControl = body.dataset.canControl === "true";
+  const EVENTS_SHOWN = 100;
+  const DELETE_CONFIRM_MS = 4000;
+  // id -> {ev, at}: the event as GET /api/events shows it, and when the page got it
+  // (performance.now(): an event in progress counts its duration on from there, whatever the
+  // device's clock says).
+  const shownEvents = new Map();
+  const knownLabels = new Set();
+  let eventsFilter = "";
+  let eventsLoads = 0; // an answer to an older load (another filter) is dropped
+  let recording; // undefined until the history is loaded; null: recording is off
+  let loadingEvents = false;
+  let playingId = null;
+
+  function fmtDuration(s) {
+    if (!(s >= 0)) return "–";
+    if (s < 60) return `${s.toFixed(1)} s`;
+    const m = Math.floor(s / 60);
+    if (m < 60) return `${m} min ${String(Math.floor(s % 60)).padStart(2, "0")} s`;
+    return `${Math.floor(m / 60)} h ${String(m % 60).padStart(2, "0")} min`;
+  }
+
+  function fmtWhen(t) {
+    const d = new Date(t * 1000);
+    return d.toDateString() === new Date().toDateString() ? d.toLocaleTimeString() : d.toLocaleString();
+  }
+
+  // A notice and a history answer can cross: keep whichever says more (ended beats in progress,
+  // then the longer one).
+  function atLeastAsFresh(a, b) {
+    if (a.in_progress !== b.in_progress) return !a.in_progress;
+    return a.duration >= b.duration;
+  }
+
+  function liveDuration(entry) {
+    const ev = entry.ev;
+    return ev.in_progress ? ev.duration + (performance.now() - entry.at) / 1000 : ev.duration;
+  }
+
+  function durationText(entry) {
+    return entry.ev.in_progress ? `in progress · ${fmtDuration(liveDuration(entry))}` : fmtDuration(entry.ev.duration);
+  }
+
+  function addLabel(label) {
+    if (knownLabels.has(label)) return;
+    knownLabels.add(label);
+    const select = $("events-label");
+    const option = new Option(label, label);
+    const after = [...select.options].slice(1).find((o) => o.value.localeCompare(label) > 0);
+    select.insertBefore(option, after || null);
+  }
+
+  function eventRow(entry) {
+    const ev = entry.ev;
+    const li = document.createElement("li");
+    li.dataset.id = String(ev.id);
+    li.dataset.label = ev.label;
+    li.dataset.inProgress = String(!!ev.in_progress);
+    if (ev.id === playingId) li.dataset.playing = "true";
+
+    const open = document.createElement("button");
+    open.type = "button";
+    open.className = "open";
+    open.disabled = !ev.clip_url;
+    const source = ev.source && ev.source.name ? ` · ${ev.source.name}` : "";
+    open.title = ev.clip_url ? `Play the clip (${ev.model || "model"}${source})` : "No clip was recorded";
+    let thumb;
+    if (ev.snapshot_url) {
+      thumb = document.createElement("img");
+      // The snapshot is rewritten while a better frame comes and at the end.
+      thumb.src = `${ev.snapshot_url}?v=${ev.best_time ?? ""}-${ev.end_time ?? ""}`;
+      thumb.alt = `${ev.label} at its best frame`;
+      thumb.loading = "lazy";
+    } else {
+      thumb = document.createElement("div");
+      thumb.textContent = "no snapshot";
+      thumb.classList.add("none");
+    }
+    thumb.classList.add("thumb");
+    const info = document.createElement("span");
+    info.className = "info";
+    const label = document.createElement("span");
+    label.className = "label";
+    label.textContent = ev.label;
+    const prob = document.createElement("span");
+    prob.className = "prob";
+    prob.textContent = fmtPct(ev.best_prob);
+    label.append(prob);
+    const when = document.createElement("span");
+    when.className = "when";
+    const time = document.createElement("time");
+    time.dateTime = new Date(ev.start_time * 1000).toISOString();
+    time.textContent = fmtWhen(ev.start_time);
+    const dur = document.createElement("span");
+    dur.className = ev.in_progress ? "dur live" : "dur";
+    dur.textContent = durationText(entry);
+    when.append(time, " · ", dur);
+    info.append(label, when);
+    open.append(thumb, info);
+    open.addEventListener("click", () => play(ev.id));
+    li.append(open);
+
+    if (canControl) {
+      const del = document.createElement("button");
+      del.type = "button";
+      del.className = "delete danger";
+      del.textContent = "Delete";
+      del.title = "Delete the event, its snapshots and its clip";
+      del.addEventListener("click", () => deleteEvent(ev.id, del));
+      li.append(del);
+    }
+    return li;
+  }
+
+  function showEvent(entry) {
+    const list = $("events");
+    const row = eventRow(entry);
+    const old = list.querySelector(`li[data-id="${entry.ev.id}"]`);
+    if (old) {
+      old.replaceWith(row);
+    } else {
+      const before = [...list.children].find((li) => {
+        const other = shownEvents.get(Number(li.dataset.id));
+        return other && other.ev.start_time < entry.ev.start_time;
+      });
+      list.insertBefore(row, before || null);
+    }
+    while (list.children.length > EVENTS_SHOWN) {
+      const last = list.lastElementChild;
+      shownEvents.delete(Number(last.dataset.id));
+      last.remove();
+    }
+  }
+
+  function showEventsInfo() {
+    const info = $("events-info");
+    const card = document.querySelector(".events-card");
+    card.dataset.recording = recording === undefined ? "" : recording ? "on" : "off";
+    info.className = recording && recording.fault ? "events-info-fault" : "";
+    if (recording === undefined) info.textContent = "";
+    else if (!recording) info.textContent = "· recording off";
+    else if (recording.fault) info.textContent = `· recording stopped: ${recording.fault}`;
+    else info.textContent = `· newest first · recording ${(recording.rules || []).join(", ")}`;
+
+    const empty = $("events-empty");
+    empty.hidden = shownEvents.size > 0;
+    if (!empty.hidden) {
+      if (recording === undefined || loadingEvents) {
+        empty.textContent = "Loading the event history…";
+      } else if (eventsFilter) {
+        empty.textContent = `No ${eventsFilter} events.`;
+      } else if (recording) {
+        empty.textContent = "No events yet: each one shows here as it starts.";
+      } else {
+        const flag = document.createElement("code");
+        flag.textContent = "--record LABEL";
+        const example = document.createElement("code");
+        example.textContent = "--record person:0.6";
+        empty.replaceChildren("Recording is off. Start the dashboard with ", flag, " (e.g. ", example,
+          ", or any) to keep a snapshot and a clip of each detection, with what happened just before.");
+      }
+    }
+  }
+
+  function showEventsError(message) {
+    const el = $("events-error");
+    el.hidden = !message;
+    el.textContent = message || "";
+  }
+
+  async function loadEvents() {
+    const load = ++eventsLoads;
+    const started = performance.now();
+    const query = new URLSearchParams({ limit: String(EVENTS_SHOWN) });
+    if (eventsFilter) query.set("label", eventsFilter);
+    let data;
+    loadingEvents = true;
+    try {
+      data = await getJSON("/api/events?" + query);
+    } catch (e) {
+      if (load === eventsLoads) {
+        loadingEvents = false;
+        showEventsError("The event history did not load: " + e.message);
+        showEventsInfo();
+      }
+      return;
+    }
+    if (load !== eventsLoads) return;
+    loadingEvents = false;
+    showEventsError(null);
+    recording = data.recording;
+    (data.labels || []).forEach(addLabel);
+    const merged = new Map();
+    for (const ev of data.events || []) merged.set(ev.id, { ev, at: started });
+    // Notices that came while the answer was on its way may be newer than it, or name an event
+    // it does not have yet.
+    for (const [id, entry] of shownEvents) {
+      if (entry.at < started) continue;
+      const fetched = merged.get(id);
+      if (!fetched || atLeastAsFresh(entry.ev, fetched.ev)) merged.set(id, entry);
+    }
+    shownEvents.clear();
+    $("events").replaceChildren();
+    [...merged.values()].sort((a, b) => b.ev.start_time - a.ev.start_time)
+      .forEach((entry) => { shownEvents.set(entry.ev.id, entry); showEvent(entry); });
+    showEventsInfo();
+  }
+
+  function onNotice(notice) {
+    if (notice.type === "gap") { // this page fell behind the notices: the history has it all
+      loadEvents();
+      return;
+    }
+    const ev = notice.after;
+    if (!ev) return;
+    addLabel(ev.label);
+    if (recording === null) recording = { rules: [] }; // a notice means recording is on now
+    if (eventsFilter && ev.label !== eventsFilter) return;
+    const old = shownEvents.get(ev.id);
+    if (old && !atLeastAsFresh(ev, old.ev)) return;
+    const entry = { ev, at: performance.now() };
+    shownEvents.set(ev.id, entry);
+    showEvent(entry);
+    if (ev.id === playingId) $("player-title").textContent = playerTitle(ev);
+    showEventsInfo();
+  }
+
+  function tickLive() {
+    document.querySelectorAll('#events li[data-in-progress="true"]').forEach((li) => {
+      const entry = shownEvents.get(Number(li.dataset.id));
+      const dur = li.querySelector(".dur");
+      if (entry && dur) dur.textContent = durationText(entry);
+    });
+  }
+
+  function playerTitle(ev) {
+    const state = ev.in_progress ? " · in progress: the clip so far" : ` · ${fmtDuration(ev.duration)}`;
+    return `${ev.label} ${fmtPct(ev.best_prob)} · ${fmtWhen(ev.start_time)}${state}`;
+  }
+
+  function markPlaying(id) {
+    playingId = id;
+    document.querySelectorAll("#events li[data-playing]").forEach((li) => { delete li.dataset.playing; });
+    const row = id == null ? null : document.querySelector(`#events li[data-id="${id}"]`);
+    if (row) row.dataset.playing = "true";
+  }
+
+  function play(id) {
+    const entry = shownEvents.get(id);
+    if (!entry || !entry.ev.clip_url) return;
+    const ev = entry.ev;
+    const video = $("event-video");
+    showEventsError(null);
+    $("player").hidden = false;
+    $("player-title").textContent = playerTitle(ev);
+    // A clip in progress grows: ask for it as it is now, not a copy of an earlier, shorter one.
+    video.src = `${ev.clip_url}?v=${ev.in_progress ? Date.now() : ev.end_time}`;
+    video.dataset.eventId = String(id);
+    markPlaying(id);
+    video.play().catch(() => { /* refused autoplay: the controls are there */ });
+  }
+
+  function closePlayer() {
+    const video = $("event-video");
+    video.pause();
+    video.removeAttribute("src");
+    delete video.dataset.eventId;
+    video.load(); // drops the connection and the buffered clip
+    $("player").hidden = true;
+    markPlaying(null);
+  }
+
+  const MEDIA_ERRORS = { 1: "aborted", 2: "network error", 3: "cannot decode it", 4: "format not supported by this browser" };
+  $("event-video").addEventListener("error", () => {
+    const video = $("event-video");
+    if (!video.getAttribute("src")) return;
+    const code = video.error ? video.error.code : 0;
+    showEventsError(`The clip does not play here: ${MEDIA_ERRORS[code] || "unknown error"}.`);
+  });
+  $("player-close").addEventListener("click", closePlayer);
+
+  async function deleteEvent(id, button) {
+    // Two clicks: a clip is gone for good, and the button sits where a thumbnail was tapped.
+    if (!button.classList.contains("confirm")) {
+      button.classList.add("confirm");
+      button.textContent = "Confirm";
+      setTimeout(() => {
+        button.classList.remove("confirm");
+        button.textContent = "Delete";
+      }, DELETE_CONFIRM_MS);
+      return;
+    }
+    button.setAttribute("aria-busy", "true");
+    try {
+      const res = await fetch(`/api/events/${id}`, { method: "DELETE", credentials: "same-origin" });
+      if (res.ok || res.status === 404) { // 404: someone else deleted it already
+        if (playingId === id) closePlayer();
+        shownEvents.delete(id);
+        const row = document.querySelector(`#events li[data-id="${id}"]`);
+        if (row) row.remove();
+        showEventsError(null);
+        showEventsInfo();
+        return;
+      }
+      let data = null;
+      try { data = await res.json(); } catch (e) { /* no JSON body */ }
+      showEventsError("Not deleted: " + describeError(data, res.status));
+    } catch (e) {
+      showEventsError("The dashboard did not answer: " + e.message);
+    } finally {
+      button.removeAttribute("aria-busy");
+      button.classList.remove("confirm");
+      button.textContent = "Delete";
+    }
+  }
+
+  $("events-label").addEventListener("change", (e) => {
+    eventsFilter = e.target.value;
+    shownEvents.clear();
+    $("events").replaceChildren();
+    const loaded = loadEvents();
+    showEventsInfo(); // "Loading": the load has begun
+    return loaded;
+  });
 
   // -- controls --------------------------------------------------------------------------------
   function describeError(data, status) {
@@ -456,4 +791,5 @@
   pollIot();
   setInterval(pollStats, POLL_MS);
   setInterval(pollIot, POLL_MS);
+  setInterval(tickLive, 1000);
 })();
