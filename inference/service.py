@@ -2,9 +2,11 @@
 
 The frame hub, the inference loop, its capture and model, and the outputs (FIFO, IoT) are built
 from the settings here and started and stopped here, by the CLI, the Greengrass Lambda and the
-tests alike. Start, stop, pause, resume and live changes are serialised by one lock, so two
-clients pressing buttons at once cannot interleave them. A live change of model or source loads
-the new one beside the running one and swaps only when everything loaded; a failure raises and
+tests alike. Start, stop, pause, resume and the swap of a live change are serialised by one lock,
+so two clients pressing buttons at once cannot interleave them (nor release a camera another
+thread reads). A live change of model or source loads the new one beside the running one, outside
+that lock (a model takes seconds, a file opens with FFmpeg's timeout: Stop and Pause never wait
+for it; only another change does), and swaps only when everything loaded; a failure raises and
 changes nothing.
 """
 
@@ -63,6 +65,19 @@ def default_model_factory(settings: Settings) -> Model:
     return load_model(settings)
 
 
+class ServiceStopped(RuntimeError):
+    """A live change that finished loading after the service was stopped (shutdown)."""
+
+
+def _discard(model: Optional[Model], source: Optional[FrameSource]) -> None:
+    for part in (model, source):
+        if part is not None:
+            try:
+                part.close()
+            except Exception:
+                log.exception("closing an unused %s failed", type(part).__name__)
+
+
 class Service:
     def __init__(
         self,
@@ -79,6 +94,8 @@ class Service:
         self.loop = InferenceLoop(settings, self.hub, self.capture)
         self.outputs: List[Output] = list(outputs or [])
         self._lock = threading.RLock()
+        self._apply_lock = threading.Lock()  # one live change at a time, its loading included
+        self._stopped = False
         self._history: Optional[EventStore] = None
         self._history_lock = threading.Lock()
         self._listeners: List[ChangeListener] = []
@@ -185,6 +202,7 @@ class Service:
 
     def start(self) -> None:
         with self._lock:
+            self._stopped = False
             if not self._prepared:
                 self.prepare(strict=False)
             self.hub.reopen()
@@ -199,6 +217,7 @@ class Service:
         loop first, so the outputs see no new work while they deliver what they hold."""
         deadline = time.monotonic() + STOP_SECONDS if deadline is None else deadline
         with self._lock:
+            self._stopped = True
             self.loop.stop(deadline)
             self.hub.close()
             if self.started:
@@ -245,21 +264,30 @@ class Service:
     def apply(self, changes: Mapping[str, Any]) -> Settings:
         """Validate and apply live settings; raises ConfigError, ModelError or SourceError (and
         nothing changes) when one cannot be used."""
-        with self._lock:
+        with self._apply_lock:
             new = self._settings.changed(changes)
             model, source, opened = self._load_beside(new, changes)
-            self.hub.jpeg_quality = new.jpeg_quality
-            self._settings = new
-            self.loop.settings = new  # before the swap: a new model never runs on old settings
-            self.loop.swap(model=model, source=source, source_open=opened)
-            if model is not None:
-                log.info("model switched to %s", model.info.name)
-            if source is not None:
-                log.info("source switching to %s", source.name)
-            for output in self.outputs:
-                output.apply(new)
-            self._changed("config")
-            return new
+            with self._lock:
+                if self._stopped:
+                    _discard(model, source)
+                    raise ServiceStopped("the dashboard is stopping; the change was not applied")
+                return self._swap(new, model, source, opened)
+
+    def _swap(self, new: Settings, model: Optional[Model], source: Optional[FrameSource],
+              opened: bool) -> Settings:
+        """Take the loaded change; the caller holds the lock."""
+        self.hub.jpeg_quality = new.jpeg_quality
+        self._settings = new
+        self.loop.settings = new  # before the swap: a new model never runs on old settings
+        self.loop.swap(model=model, source=source, source_open=opened)
+        if model is not None:
+            log.info("model switched to %s", model.info.name)
+        if source is not None:
+            log.info("source switching to %s", source.name)
+        for output in self.outputs:
+            output.apply(new)
+        self._changed("config")
+        return new
 
     def _load_beside(self, new: Settings, changes: Mapping[str, Any]
                      ) -> Tuple[Optional[Model], Optional[FrameSource], bool]:

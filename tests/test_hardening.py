@@ -6,6 +6,7 @@ from __future__ import annotations
 import concurrent.futures
 import random
 from collections import Counter
+from typing import Any
 
 from tests.test_server import TOKEN, running_server
 
@@ -37,3 +38,37 @@ def test_concurrent_pipeline_actions_never_crash_or_fail_with_a_real_video() -> 
     assert sum(statuses.values()) == 800
     assert set(statuses) <= {200, 409}, statuses  # 409: an action that does not apply now
     assert srv.thread._thread is not None
+
+
+def test_a_slow_model_load_holds_neither_pause_nor_stop(tmp_path: Any) -> None:
+    """Loading a model takes seconds (a file source opens with FFmpeg's timeout): the pipeline
+    actions must not queue behind it; only another live change waits for it."""
+    import threading
+
+    from tests.test_server import fake_model_factory
+
+    gate = threading.Event()
+    loading = threading.Event()
+
+    slow = tmp_path / "slow.onnx"
+    slow.write_bytes(b"only its name matters: the factory below makes the model")
+
+    def slow_factory(settings: Any) -> Any:
+        if settings.model == str(slow):
+            loading.set()
+            assert gate.wait(30), "the test never let the load finish"
+        return fake_model_factory(settings)
+
+    with running_server(model_factory=slow_factory) as srv, srv.client(TOKEN) as client, \
+            concurrent.futures.ThreadPoolExecutor(1) as pool:
+        srv.wait_frames(1)
+        patch = pool.submit(client.patch, "/api/config", json={"model": str(slow)}, timeout=60)
+        try:
+            assert loading.wait(20)
+            with srv.client(TOKEN) as other:
+                assert other.post("/api/pipeline/pause", timeout=5.0).json()["state"] == "paused"
+                assert other.post("/api/pipeline/resume", timeout=5.0).json()["state"] == "running"
+        finally:
+            gate.set()
+        assert patch.result().status_code == 200
+        assert patch.result().json()["model"] == str(slow)
