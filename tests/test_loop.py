@@ -209,11 +209,11 @@ def test_a_drawn_frame_differs_from_the_captured_one_only_where_the_overlay_is(m
     service = make_loop(source=source, model=ScriptedModel())
     service.start()
     item = collect(service.hub, 1)[0]
-    raw = item._raw
-    assert raw is not None
+    raw = item.raw
     before = raw.copy()
     drawn = item.image
-    assert item._raw is None  # the captured frame is let go once drawn
+    # the captured frame stays as captured (the recorder's clean snapshot): drawn on a copy
+    assert item.raw is raw and np.array_equal(raw, before) and drawn is not raw
     changed = np.argwhere((drawn != before).any(axis=2))
     assert len(changed) > 0
     # the classification label sits top-left, the status line bottom-left: the right half of the
