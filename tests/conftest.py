@@ -4,8 +4,10 @@ import os
 import shutil
 import socket
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -112,3 +114,14 @@ def device_xml(tmp_path: Path, efficientnet_onnx: Path) -> Path:
     xml = tmp_path / "mxnet_efficientnet_FP16_FUSED.xml"
     xml.write_text(f'<net name="efficientnet" onnx="{efficientnet_onnx}" output="SoftMax_67"/>\n')
     return xml
+
+
+def wait_for(predicate: Any, timeout: float = 30.0, what: str = "it") -> Any:
+    """``predicate()``'s first truthy value, polled every 0.1 s; fails after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -14,7 +14,6 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from contextlib import redirect_stderr
 from pathlib import Path
 from typing import Any
@@ -26,8 +25,8 @@ import app.security as security
 from app.cli import main as cli_main
 from app.security import COOKIE_NAME, RedactTokens, new_token
 from inference.settings import ConfigError, Settings
-from tests.conftest import free_port, require_tool
-from tests.test_page import CHROMIUM_ARGS, WAIT_MS
+from tests.conftest import free_port
+from tests.test_page import WAIT_MS, browser  # noqa: F401  (the browser fixture)
 from tests.test_server import TOKEN, Running, running_server
 
 ATTACKER = "127.0.0.2"  # Linux routes all of 127/8 to loopback: a second client address
@@ -235,8 +234,8 @@ def test_a_short_token_is_refused_from_the_flag_the_environment_and_the_file(
 
 # -- d. a cookie that expires and dies with a token change -------------------------------------------------
 def _open_control_url(srv: Running, token: str = TOKEN) -> str:
-    with srv.client() as browser:
-        opened = browser.get("/", params={"token": token})
+    with srv.client() as visitor:
+        opened = visitor.get("/", params={"token": token})
         assert opened.status_code == 303
         header = opened.headers["set-cookie"]
         assert f"Max-Age={security.COOKIE_MAX_AGE}" in header, header
@@ -244,8 +243,8 @@ def _open_control_url(srv: Running, token: str = TOKEN) -> str:
 
 
 def _with_cookie(srv: Running, value: str) -> int:
-    with srv.client(cookies={COOKIE_NAME: value}) as browser:
-        return browser.post("/api/pipeline/resume").status_code
+    with srv.client(cookies={COOKIE_NAME: value}) as visitor:
+        return visitor.post("/api/pipeline/resume").status_code
 
 
 def test_the_cookie_expires_and_dies_with_a_token_change(tmp_path: Path) -> None:
@@ -307,19 +306,6 @@ def test_every_answer_carries_framing_and_content_security_headers() -> None:
             _assert_hardened(events.headers, "/results/events")
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    chromium = require_tool("chromium")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as playwright:
-        instance = playwright.chromium.launch(executable_path=chromium, headless=True, args=CHROMIUM_ARGS)
-        try:
-            yield instance
-        finally:
-            instance.close()
-
-
 WATCH_VIOLATIONS = """
 window.__csp = [];
 document.addEventListener("securitypolicyviolation",
@@ -327,7 +313,7 @@ document.addEventListener("securitypolicyviolation",
 """
 
 
-def test_the_page_and_the_docs_work_under_the_policy_and_cannot_be_framed(browser: Any) -> None:
+def test_the_page_and_the_docs_work_under_the_policy_and_cannot_be_framed(browser: Any) -> None:  # noqa: F811
     with running_server() as srv:
         srv.wait_frames(1)
         page = browser.new_page()

@@ -5,7 +5,6 @@ the history, and a full disk that stops recording with a /health reason while th
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 from typing import Any, Iterator, List
 
@@ -16,6 +15,7 @@ import pytest
 from inference.events.store import EventStore
 from inference.outputs import build_outputs
 from inference.service import Service
+from tests.conftest import wait_for
 from tests.test_server import TOKEN, fake_model_factory, serve_runtime, server_settings
 
 
@@ -128,21 +128,13 @@ def _recording(tmp_path: Path, data_dir: Path, **overrides: Any) -> Service:
     return service
 
 
-def _wait(predicate: Any, timeout: float = 30.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError("timed out")
 
 
 def test_a_restart_keeps_the_history(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     first = _recording(tmp_path, data_dir)  # the fake model says class0 at 0.5 on every frame
     with serve_runtime(first) as srv, srv.client() as client:
-        seen = _wait(lambda: client.get("/api/events").json()["events"])
+        seen = wait_for(lambda: client.get("/api/events").json()["events"])
         assert seen[0]["in_progress"] and seen[0]["label"] == "class0"
         event_id = seen[0]["id"]
     again = _recording(tmp_path, data_dir)
@@ -160,7 +152,7 @@ def test_a_full_disk_stops_recording_with_a_health_reason_and_the_loop_goes_on(t
     try:
         service = _recording(tmp_path, mount / "data")
         with serve_runtime(service) as srv, srv.client() as client:
-            health = _wait(lambda: (lambda h: h if h["status"] == "degraded" else None)(
+            health = wait_for(lambda: (lambda h: h if h["status"] == "degraded" else None)(
                 client.get("/health").json()))
             assert any("recording stopped: disk full" in r for r in health["reasons"]), health
             assert client.get("/api/events").json()["events"] == []

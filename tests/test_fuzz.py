@@ -73,6 +73,8 @@ def _check_answer(label: str, response: requests.Response, sent: dict[str, Any])
         assert "cross-origin" in detail, (where, detail)
     elif status == 413:
         assert "body" in detail, (where, detail)
+    elif status == 404:  # an event id that is not in the history
+        assert detail.startswith("no event") or "has no" in detail, (where, detail)
     elif status == 409:  # a pipeline action that does not apply now (pause when stopped)
         assert "cannot" in detail and "pipeline" in detail, (where, detail)
     else:

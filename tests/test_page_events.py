@@ -18,6 +18,7 @@ import pytest
 from inference.outputs import build_outputs
 from inference.service import Service
 from inference.types import RawOutputs
+from tests.conftest import wait_for
 from tests.test_page import WAIT_MS, browser, open_page  # noqa: F401  (the browser fixture)
 from tests.test_server import TOKEN, FakeModel, Running, serve_runtime, server_settings
 
@@ -67,14 +68,6 @@ def recording(tmp_path: Path) -> Iterator[tuple[Running, Dial]]:
         yield running, dial
 
 
-def wait_for(predicate: Any, timeout: float = 30.0, what: str = "it") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def row(event_id: int) -> str:

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Dict, List
 
@@ -20,7 +19,7 @@ import pytest
 from inference.events.store import CLOSED, INTERRUPTED, EventStore
 from inference.service import Service
 from inference.settings import Settings
-from tests.conftest import ROOT, free_port, require_tool
+from tests.conftest import ROOT, free_port, require_tool, wait_for
 from tests.test_iot import Broker, broker, brokers, subscribers  # noqa: F401  (fixtures)
 
 
@@ -46,14 +45,6 @@ def slideshow(tmp_path: Path, chelsea_bgr: Any) -> Path:
     return folder
 
 
-def wait_for(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_a_cat_in_a_slideshow_is_an_event_with_its_clip_snapshots_and_notices(
