@@ -4,9 +4,9 @@
 
 Side by side, in turn, ``--repeats`` times, the same dashboard (``python -m app``, the catdog
 model on ONNX Runtime, 1 thread, ``--iot off``, ``--fifo off``, nobody watching) on the same
-source, unpaced so the model sets the pace: a clip of 3 s of coffee then 3 s of a cat, looped
-(skimage's pictures), so with ``--record cat:0.5`` an event starts every 6 s and ends 1 s after
-the cat goes (``--post-roll 1``):
+source, unpaced so the model sets the pace: a clip of 300 frames of coffee then 300 of a cat,
+looped (skimage's pictures; about 3 s each at the ~100 fps the model runs here), so with
+``--record cat:0.5`` an event starts every ~6 s and ends 1 s after the cat goes (``--post-roll 1``):
 
 - off: no ``--record``;
 - on: ``--record cat:0.5 --pre-roll 5 --post-roll 1 --record-cooldown 0`` into a temporary
@@ -38,16 +38,17 @@ from bench.common import dashboard, machine, median  # noqa: E402
 
 SIZE = (1280, 720)
 FPS = 25
+SEGMENT_FRAMES = 300
 
 
-def make_clip(path: Path, seconds_each: float = 3.0) -> None:
+def make_clip(path: Path, frames_each: int = SEGMENT_FRAMES) -> None:
     from skimage import data
 
     coffee = cv2.resize(cv2.cvtColor(data.coffee(), cv2.COLOR_RGB2BGR), SIZE)
     cat = cv2.resize(cv2.cvtColor(data.chelsea(), cv2.COLOR_RGB2BGR), SIZE)
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"mp4v"), FPS, SIZE)
     for image in (coffee, cat):
-        for i in range(int(seconds_each * FPS)):
+        for i in range(frames_each):
             frame = image.copy()
             cv2.putText(frame, str(i), (40, 80), cv2.FONT_HERSHEY_SIMPLEX, 2, (255, 255, 255), 3)
             writer.write(frame)
