@@ -90,20 +90,35 @@ class _Open:
         self.id, self.label, self.start, self.clip, self.fps = event_id, label, start, clip, fps
         self.t0: Optional[float] = None
         self.written = 0
+        self._last: Optional[bytes] = None
         self.best: Optional[_Best] = None
         self.snapshot_at = 0.0
         self.notice_at = 0.0
         self.before: Optional[Dict[str, Any]] = None
 
     def write(self, at: float, jpeg: bytes) -> None:
-        """Write ``jpeg`` as many times as the clip's clock says (0 when it is early)."""
+        """``jpeg`` is the picture from ``at`` on: the one before fills the clip up to ``at``."""
         if self.clip is None:
             return
         if self.t0 is None:
             self.t0 = at
-        due = int(round((at - self.t0) * self.fps)) + 1 - self.written
-        for _ in range(min(due, int(self.fps * 5) + 1)):  # a long gap is not worth minutes of copies
-            self.clip.write(jpeg)
+        self._fill(at)
+        self._last = jpeg
+
+    def finish(self, at: float) -> None:
+        """The last picture fills the clip up to the end, ``at``."""
+        if self.clip is not None and self.t0 is not None:
+            self._fill(at)
+
+    def _fill(self, until: float) -> None:
+        # The clip keeps wall-clock time at its own fps: a picture is repeated for as long as it
+        # was shown (a loop slower than the clip's fps), never more than 5 s of copies.
+        assert self.clip is not None and self.t0 is not None
+        if self._last is None:
+            return
+        due = int(round((until - self.t0) * self.fps)) - self.written
+        for _ in range(min(due, int(self.fps * 5))):
+            self.clip.write(self._last)
             self.written += 1
 
 
@@ -146,6 +161,8 @@ class Recorder(Worker):
         self._ring_bytes = 0
         self._open: Dict[str, _Open] = {}
         self._last_buffered = float("-inf")
+        self._last_at: Optional[float] = None
+        self._frame_interval = 0.1  # the loop's, smoothed: how far back the debounce reaches
         self._lock = threading.Lock()  # the open events, read by stats() from other threads
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -206,6 +223,9 @@ class Recorder(Worker):
     def _process(self, frame: Frame) -> None:
         result = frame.result
         at = result.timestamp
+        if self._last_at is not None and at > self._last_at:
+            self._frame_interval += 0.1 * (min(at - self._last_at, 5.0) - self._frame_interval)
+        self._last_at = at
         items = () if result.error else result.items
         transitions = self.tracker.feed(at, items)
         jpeg: Optional[bytes] = None
@@ -234,7 +254,10 @@ class Recorder(Worker):
         ring.append((at, jpeg))
         self._ring_bytes += len(jpeg)
         self.frames_buffered += 1
-        keep_from = at - self.options.pre_roll - 1.0 / self.options.fps
+        # An event starts at the first of its debounce results, which came that many frames ago:
+        # the ring reaches back that far beyond the pre-roll, so the clip starts on time.
+        margin = self.options.debounce * self._frame_interval + 1.0 / self.options.fps
+        keep_from = at - self.options.pre_roll - margin
         while ring and (ring[0][0] < keep_from or self._ring_bytes > RING_MAX_BYTES):
             self._ring_bytes -= len(ring.popleft()[1])
 
@@ -279,9 +302,12 @@ class Recorder(Worker):
         with self._lock:
             self._open[t.label] = event
         self.events_started += 1
-        for at, jpeg in list(self._ring):
-            if at >= t.at - self.options.pre_roll:
-                self._write(event, at, jpeg)
+        # The pre-roll: from what was shown at (start - pre-roll), if the ring goes back that far.
+        begin = t.at - self.options.pre_roll
+        frames = list(self._ring)
+        older = [i for i, (at, _) in enumerate(frames) if at <= begin]
+        for i, (at, jpeg) in enumerate(frames[older[-1] if older else 0:]):
+            self._write(event, max(at, begin) if i == 0 else at, jpeg)
         if frame is not None:
             self._best(event, t.prob, frame.result.timestamp, t.box, frame, force=True)
         log.info("event %d: %s started (%.0f%%)", event_id, t.label, t.prob * 100)
@@ -302,6 +328,10 @@ class Recorder(Worker):
         if event is None:
             return
         self._write_snapshots(event)
+        try:
+            event.finish(t.at)
+        except (ClipError, OSError) as exc:
+            self._set_fault(f"clip of event {event.id}: {exc}", exc)
         self._close_clip(event)
         self.store.finish(event.id, t.at, t.reason)
         log.info("event %d: %s ended (%s)", event.id, t.label, t.reason)
