@@ -11,7 +11,7 @@ import os
 import re
 from datetime import datetime
 from pathlib import Path
-from typing import Any, AsyncIterator, Optional, Tuple
+from typing import Any, AsyncIterator, Dict, Optional, Tuple
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi import Path as PathParam
@@ -42,12 +42,15 @@ def _record(service: Any, event_id: int) -> Tuple[EventStore, EventRecord]:
     return store, record
 
 
-def _json(record: EventRecord) -> dict:  # type: ignore[type-arg]
-    data = record.to_json()
-    base = f"/api/events/{record.id}"
-    data["snapshot_url"] = f"{base}/snapshot.jpg" if data["has_snapshot"] else None
-    data["clip_url"] = f"{base}/clip.mp4" if data["has_clip"] else None
-    return data
+def with_urls(event: Dict[str, Any]) -> Dict[str, Any]:
+    """An event's JSON with the URLs of its snapshot and clip (the history and the notices)."""
+    base = f"/api/events/{event['id']}"
+    return {**event, "snapshot_url": f"{base}/snapshot.jpg" if event.get("has_snapshot") else None,
+            "clip_url": f"{base}/clip.mp4" if event.get("has_clip") else None}
+
+
+def _json(record: EventRecord) -> Dict[str, Any]:
+    return with_urls(record.to_json())
 
 
 EventId = PathParam(..., ge=1, le=2**62, description="the event's id")

@@ -14,6 +14,7 @@ from app.broadcast import Broadcaster, Viewer
 from app.deps import BroadcasterDep, ServiceDep, ViewDep
 from app.routes import PrettyJSONResponse, _finite
 from app.routes.control import control_events
+from app.routes.events import with_urls
 from app.routes.stream import NO_STORE, ClosingStreamingResponse, client_name
 from inference.pipeline.frames import Frame
 from inference.service import Service
@@ -52,11 +53,7 @@ def _event(data: dict[str, Any], seq: int) -> bytes:
 
 def _with_urls(event: dict[str, Any] | None) -> dict[str, Any] | None:
     # As GET /api/events shows an event, so the page renders a notice like a history row.
-    if event is None:
-        return None
-    base = f"/api/events/{event['id']}"
-    return {**event, "snapshot_url": f"{base}/snapshot.jpg" if event.get("has_snapshot") else None,
-            "clip_url": f"{base}/clip.mp4" if event.get("has_clip") else None}
+    return with_urls(event) if event is not None else None
 
 
 def encode_notice(payload: dict[str, Any]) -> bytes:
