@@ -194,3 +194,26 @@ def test_a_clip_cut_short_by_a_kill_is_playable_up_to_what_was_written(tmp_path:
     assert salvage(tmp_path / "2.part.mp4", tmp_path / "2.mp4")
     info = _ffprobe(tmp_path / "2.mp4")
     assert 1.0 <= float(info["format"]["duration"]) <= 4.0
+
+
+def test_a_wedged_ffmpeg_is_given_up_not_waited_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An encoder that takes nothing (stopped here with SIGSTOP) must not hang the recorder."""
+    import signal
+
+    from inference.events import clip as clip_module
+    from inference.events.clip import ClipError
+
+    require_tool("ffmpeg")
+    monkeypatch.setattr(clip_module, "WRITE_SECONDS", 1.0)
+    clip = FfmpegClip(tmp_path / "3.part.mp4", tmp_path / "3.mp4", 10.0)
+    frames = _jpegs(4, size=(640, 480))
+    clip._proc.send_signal(signal.SIGSTOP)
+    try:
+        with pytest.raises(ClipError, match="took no frame"):
+            for i in range(2000):  # the pipe fills within a few dozen frames, then 1 s
+                clip.write(frames[i % 4])
+    finally:
+        clip._proc.send_signal(signal.SIGCONT)
+    started = time.monotonic()
+    clip.close()
+    assert time.monotonic() - started < 10 and clip._proc.poll() is not None

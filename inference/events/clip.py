@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import shutil
 import subprocess
 import threading
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 
 FFMPEG_NICE = 10
 CLOSE_SECONDS = 20.0
+WRITE_SECONDS = 5.0  # an ffmpeg that takes no frame for this long is given up (a wedged encoder)
 
 
 def ffmpeg_path() -> Optional[str]:
@@ -88,20 +90,36 @@ class FfmpegClip:
             "-f", "mp4", str(part),
         ]
         self._err: IO[bytes] = open(self._log, "wb")
+        self._wedged = False
         try:
+            # unbuffered: write() hands each frame to the pipe itself, with a timeout
             self._proc = subprocess.Popen(
                 command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=self._err,
-                close_fds=True)
+                close_fds=True, bufsize=0)
         except OSError as exc:
             self._err.close()
             raise ClipError(f"cannot start ffmpeg: {exc}") from None
+        assert self._proc.stdin is not None
+        os.set_blocking(self._proc.stdin.fileno(), False)
 
     def write(self, jpeg: bytes) -> None:
+        """Hand ``jpeg`` to ffmpeg; ClipError when it stopped, or took nothing for
+        WRITE_SECONDS (the recorder must not hang on a wedged encoder)."""
         stdin = self._proc.stdin
         if stdin is None or self._proc.poll() is not None:
             raise ClipError(f"ffmpeg stopped: {self._errors()}")
+        fd = stdin.fileno()
+        view = memoryview(jpeg)
         try:
-            stdin.write(jpeg)
+            while view:
+                _, ready, _ = select.select([], [fd], [], WRITE_SECONDS)
+                if not ready:
+                    self._wedged = True
+                    raise ClipError(f"ffmpeg took no frame for {WRITE_SECONDS:g} s")
+                try:
+                    view = view[os.write(fd, view):]
+                except BlockingIOError:
+                    continue  # taken by the time we wrote: wait for room again
         except (BrokenPipeError, OSError) as exc:
             raise ClipError(f"ffmpeg stopped: {self._errors() or exc}") from None
         self.frames += 1
@@ -115,7 +133,7 @@ class FfmpegClip:
             except OSError:
                 pass
         try:
-            self._proc.wait(CLOSE_SECONDS)
+            self._proc.wait(CLOSE_SECONDS if not self._wedged else 0.1)
         except subprocess.TimeoutExpired:
             self._proc.kill()
             self._proc.wait()
