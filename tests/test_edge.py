@@ -130,6 +130,11 @@ def test_a_huge_request_head_is_refused_with_431_at_once_and_closed() -> None:
         assert get(port, headers=b"Cookie: " + b"c=" + b"v" * (40 * 1024) + b"\r\n") == 200
         assert get(port) == 200
         srv.wait_frames(3)
+        # counted where an operator looks: /api/stats and /metrics
+        with srv.client() as client:
+            assert client.get("/api/stats").json()["connections"]["head_too_large"] == 3
+            metrics = client.get("/metrics").text
+        assert 'deeplens_connections_refused_total{reason="head_too_large"} 3.0' in metrics
 
 
 def test_a_huge_url_is_refused_with_414_at_once_and_closed() -> None:

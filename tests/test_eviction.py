@@ -101,6 +101,9 @@ def test_viewers_and_subscribers_that_never_read_are_evicted_and_a_new_one_gets_
             wait_until(lambda p=path: status_of(srv, p) == 200, f"a slot on {path}", 20)  # type: ignore[misc]
         freed_after = time.monotonic() - full
         assert bc.evicted >= 4, bc.evicted
+        with srv.client() as client:  # where an operator sees it
+            assert client.get("/api/stats").json()["viewers_evicted"] == bc.evicted
+            assert f"deeplens_viewers_evicted_total {float(bc.evicted)}" in client.get("/metrics").text
         print(f"slots freed {freed_after:.1f} s after the cap was full")
         # Dropped, not just forgotten: the server's socket (and what it buffered) is gone too.
         assert all(closed_by_server(sock, 10) for sock in stuck)

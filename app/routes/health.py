@@ -117,7 +117,8 @@ async def health(request: Request, service: ServiceDep) -> PrettyJSONResponse:
     return PrettyJSONResponse(health_report(service, getattr(request.app.state, "fallbacks", ())))
 
 
-def stats_report(service: Service, broadcaster: Broadcaster | None) -> dict[str, Any]:
+def stats_report(service: Service, broadcaster: Broadcaster | None,
+                 edge: Any = None) -> dict[str, Any]:
     loop, hub = service.loop, service.hub
     viewers = list(broadcaster.viewers.values()) if broadcaster else []
     subscribers = list(broadcaster.subscribers.values()) if broadcaster else []
@@ -153,6 +154,10 @@ def stats_report(service: Service, broadcaster: Broadcaster | None) -> dict[str,
         "frames_sent": broadcaster.frames_sent if broadcaster else 0,
         "frames_skipped": broadcaster.skipped_total if broadcaster else 0,
         "viewers_rejected": broadcaster.rejected if broadcaster else 0,
+        # viewers and subscribers aborted for taking no data (issue 16.4)
+        "viewers_evicted": broadcaster.evicted if broadcaster else 0,
+        # what the server's edge refused or closed: heads too large, header timeouts, the cap
+        "connections": edge.stats() if edge is not None else None,
         "viewers": [v.to_json() for v in viewers],
         "event_subscribers": len(subscribers),
         "outputs": outputs,
@@ -164,7 +169,8 @@ def stats_report(service: Service, broadcaster: Broadcaster | None) -> dict[str,
 async def api_stats(request: Request, service: ServiceDep) -> PrettyJSONResponse:
     """Capture, inference and delivered fps; JPEG encodes per resolution; each viewer with its
     fps and the frames it skipped; the outputs' own stats."""
-    return PrettyJSONResponse(stats_report(service, _broadcaster(request)))
+    return PrettyJSONResponse(stats_report(service, _broadcaster(request),
+                                           getattr(request.app.state, "edge", None)))
 
 
 class DashboardCollector:
@@ -209,6 +215,17 @@ class DashboardCollector:
                                   broadcaster.frames_sent if broadcaster else 0)
         yield CounterMetricFamily("deeplens_frames_skipped", "Frames viewers skipped (slow or capped)",
                                   broadcaster.skipped_total if broadcaster else 0)
+        yield CounterMetricFamily("deeplens_viewers_evicted",
+                                  "Viewers and subscribers dropped for taking no data",
+                                  broadcaster.evicted if broadcaster else 0)
+        edge = getattr(self.app_state, "edge", None)
+        if edge is not None:
+            refused = CounterMetricFamily(
+                "deeplens_connections_refused", "Connections refused or closed at the server's "
+                "edge, by reason", labels=["reason"])
+            for reason, count in edge.counts.items():
+                refused.add_metric([reason], count)
+            yield refused
         healthy = GaugeMetricFamily("deeplens_output_healthy", "1 when the output is healthy",
                                     labels=["output"])
         for output in self.service.outputs:
