@@ -39,6 +39,20 @@ HERE = Path(__file__).resolve().parent
 STOP_SECONDS = 1.0
 
 
+class LowercaseHost:
+    """The Host header in lower case: host names are case-insensitive (RFC 9110), and the
+    TrustedHostMiddleware of the Starlette that Python 3.7 gets compares them as sent."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            headers = [(k, v.lower()) if k == b"host" else (k, v) for k, v in scope["headers"]]
+            scope = dict(scope, headers=headers)
+        await self.app(scope, receive, send)
+
+
 def create_app(service: Service, token: Optional[str] = None, fallbacks: Sequence[str] = ()) -> FastAPI:
     """The dashboard of ``service``. The control token is ``token``, else ``--token``, else a
     fresh one (``app.state.token``: the CLI logs it once). ``fallbacks``: settings the owner
@@ -85,6 +99,7 @@ def create_app(service: Service, token: Optional[str] = None, fallbacks: Sequenc
         # A page that re-points its own name at the device (DNS rebinding) sends that name as
         # Host: only the names given are served. No www. redirect: a device has no www twin.
         app.add_middleware(TrustedHostMiddleware, allowed_hosts=hosts, www_redirect=False)
+        app.add_middleware(LowercaseHost)  # runs before it
     # Outermost, so every answer has them, the refusals of the layers above included.
     app.add_middleware(SecurityHeaders, inline_script_paths=(DOCS_URL, f"{DOCS_URL}/oauth2-redirect"))
     app.add_exception_handler(HTTPException, _body_not_text)
