@@ -25,6 +25,9 @@ from tests.conftest import ROOT, free_port
 from tests.onnx_graphs import classifier
 from tests.test_server import TOKEN, running_server
 
+# On the device too: CI runs these again under Python 3.7 on the installed bundle.
+pytestmark = pytest.mark.device
+
 # The product closes a connection whose request head is not complete 10 s after it opened (or
 # after the head's first byte); a bound for the test, not a speed to meet.
 CLOSED_WITHIN = 25.0

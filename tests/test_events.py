@@ -20,6 +20,9 @@ from inference.events.tracker import Tracker, Transition
 from inference.result import Item
 from tests.conftest import require_tool
 
+# On the device too: CI runs these again under Python 3.7 on the installed bundle.
+pytestmark = pytest.mark.device
+
 
 # -- rules -------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("text, rule", [

@@ -18,6 +18,9 @@ from inference.service import Service
 from tests.conftest import wait_for
 from tests.test_server import TOKEN, fake_model_factory, serve_runtime, server_settings
 
+# On the device too: CI runs these again under Python 3.7 on the installed bundle.
+pytestmark = pytest.mark.device
+
 
 def _seed_history(data_dir: Path) -> List[int]:
     """Three closed events with real files, as a recorder leaves them."""

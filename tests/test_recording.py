@@ -22,6 +22,9 @@ from inference.settings import Settings
 from tests.conftest import ROOT, free_port, require_tool, wait_for
 from tests.test_iot import Broker, broker, brokers, subscribers  # noqa: F401  (fixtures)
 
+# On the device too: CI runs these again under Python 3.7 on the installed bundle.
+pytestmark = pytest.mark.device
+
 
 def ffprobe(path: Path) -> Dict[str, Any]:
     out = subprocess.run([require_tool("ffprobe"), "-v", "error", "-show_entries",
