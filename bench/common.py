@@ -151,14 +151,14 @@ class Server:
 
 @contextlib.contextmanager
 def dashboard(source: str, *extra: str, min_published: int = 30,
-              timeout: float = 120.0, product: Path = PRODUCT) -> Iterator[Server]:
+              timeout: float = 120.0, product: Path = PRODUCT, **popen: Any) -> Iterator[Server]:
     """``python -m app`` of ``product`` on 127.0.0.1 with ``source``; yields once it publishes
-    steadily."""
+    steadily. ``popen``: more arguments for the process (a ``preexec_fn``, ``stderr``)."""
     port = free_port()
     cmd = [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(port),
            "--source", source, "--model", MODEL, "--threads", THREADS,
            "--log-level", "warning", *extra]
-    proc = subprocess.Popen(cmd, cwd=product, env=child_env(product))
+    proc = subprocess.Popen(cmd, cwd=product, env=child_env(product), **popen)
     server = Server(proc, port)
     try:
         deadline = time.monotonic() + timeout

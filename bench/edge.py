@@ -41,16 +41,12 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (  # noqa: E402
-    MODEL,
     ROOT,
     SYNTHETIC_720P,
-    THREADS,
     Server,
-    child_env,
-    free_port,
+    dashboard,
     machine,
     median,
-    stop_process,
 )
 
 BEFORE_COMMIT = "9442eee"
@@ -80,27 +76,10 @@ def _limit_files() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (FILES, FILES))
 
 
-@contextlib.contextmanager
-def limited_dashboard(product: Path, timeout: float = 120.0) -> Iterator[Server]:
-    port = free_port()
-    cmd = [sys.executable, "-m", "app", "--host", "127.0.0.1", "--port", str(port),
-           "--source", SYNTHETIC_720P, "--model", MODEL, "--threads", THREADS, "--fifo", "off",
-           "--iot", "off", "--log-level", "warning"]
-    proc = subprocess.Popen(cmd, cwd=product, env=child_env(product), preexec_fn=_limit_files,
-                            stderr=subprocess.DEVNULL)
-    server = Server(proc, port)
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            with contextlib.suppress(OSError, ValueError):
-                if int(server.stats()["published"]) >= 30:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the dashboard did not start: {' '.join(cmd)}")
-            time.sleep(0.2)
-        yield server
-    finally:
-        stop_process(proc)
+def limited_dashboard(product: Path) -> Any:
+    """The dashboard of ``product`` under a device-like open-files limit, its log silenced."""
+    return dashboard(SYNTHETIC_720P, "--fifo", "off", "--iot", "off", product=product,
+                     preexec_fn=_limit_files, stderr=subprocess.DEVNULL)
 
 
 def frames(server: Server) -> int:
