@@ -131,6 +131,21 @@ def test_an_event_left_open_is_closed_at_the_next_open_at_its_last_touch(tmp_pat
     store.close()
 
 
+def test_a_second_dashboard_on_the_folder_leaves_the_firsts_open_event_alone(tmp_path: Path) -> None:
+    first = EventStore(tmp_path)
+    first.open()
+    event_id = first.create("cat", time.time(), 0.9, None, "m", None, "h264")
+    second = EventStore(tmp_path)  # another dashboard, same --data-dir: its own flock
+    assert second.open() == []
+    assert second.get(event_id).state == "open"  # type: ignore[union-attr]
+    second.close()
+    first.close()  # the first dies with its event open: nobody else holds the folder now
+    third = EventStore(tmp_path)
+    assert third.open() == [event_id]
+    assert third.get(event_id).state == INTERRUPTED  # type: ignore[union-attr]
+    third.close()
+
+
 def test_retention_deletes_the_oldest_by_age_then_size_never_the_open_one(tmp_path: Path) -> None:
     store = EventStore(tmp_path)
     store.open()

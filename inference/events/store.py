@@ -15,6 +15,7 @@ the API reads, and SQLite's own locking is not needed between threads of one pro
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -113,31 +114,56 @@ class EventStore:
         self.snapshots = self.dir / "snapshots"
         self._lock = threading.RLock()
         self._db: Optional[sqlite3.Connection] = None
+        self._lock_fd: Optional[int] = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     def open(self) -> List[int]:
-        """Create or open the store; close the events a dead process left open (their ids)."""
+        """Create or open the store; close the events a dead process left open (their ids).
+
+        Every process with the store open holds a shared ``flock`` on ``events.lock`` (the
+        kernel drops it however the process ends). Open events are closed as interrupted only
+        by a process that could take it exclusively, i.e. when no other live dashboard uses
+        this folder: a second dashboard on the same ``--data-dir`` never closes the first's
+        event in progress."""
         with self._lock:
             if self._db is not None:
                 return []
             try:
                 for folder in (self.dir, self.clips, self.snapshots):
                     folder.mkdir(parents=True, exist_ok=True)
+                lock_fd = os.open(str(self.dir / "events.lock"),
+                                  os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise StoreError(f"cannot open the event store in {self.dir}: {exc}") from None
+            try:
+                fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                alone = True
+            except OSError:  # another dashboard has this folder open
+                alone = False
+            try:
                 db = sqlite3.connect(str(self.db_path), check_same_thread=False,
                                      isolation_level=None, timeout=5.0)
                 db.row_factory = sqlite3.Row
                 db.execute("PRAGMA journal_mode=WAL")
                 db.executescript(SCHEMA)
             except (OSError, sqlite3.Error) as exc:
+                os.close(lock_fd)
                 raise StoreError(f"cannot open the event store in {self.dir}: {exc}") from None
-            self._db = db
-            return self._close_interrupted()
+            self._db, self._lock_fd = db, lock_fd
+            closed = self._close_interrupted() if alone else []
+            # Shared from now on: others may open the store too, and wait here only while one
+            # of them closes what a dead process left.
+            fcntl.flock(lock_fd, fcntl.LOCK_SH)
+            return closed
 
     def close(self) -> None:
         with self._lock:
             if self._db is not None:
                 self._db.close()
                 self._db = None
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)  # releases the flock
+                self._lock_fd = None
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
