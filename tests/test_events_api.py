@@ -5,6 +5,7 @@ the history, and a full disk that stops recording with a /health reason while th
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 from typing import Any, Iterator, List
 
@@ -140,6 +141,11 @@ def test_a_restart_keeps_the_history(tmp_path: Path) -> None:
         seen = wait_for(lambda: client.get("/api/events").json()["events"])
         assert seen[0]["in_progress"] and seen[0]["label"] == "class0"
         event_id = seen[0]["id"]
+    # Stopping gives the recorder the service's 2 s; a loaded machine may need longer to finish
+    # the clip, and until it has, the event is rightly still open (the next start would close it
+    # as interrupted once this one's lock is gone).
+    recorder = first.recorder
+    assert recorder is not None and recorder.join(time.monotonic() + 60), "the recorder never ended"
     again = _recording(tmp_path, data_dir)
     with serve_runtime(again) as srv, srv.client() as client:
         old = client.get(f"/api/events/{event_id}").json()
