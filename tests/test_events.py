@@ -7,7 +7,7 @@ import json
 import subprocess
 import time
 from pathlib import Path
-from typing import List, Sequence
+from typing import Any, List, Sequence
 
 import cv2
 import numpy as np
@@ -18,7 +18,7 @@ from inference.events.rules import Rule, RuleError, parse_rule
 from inference.events.store import CLOSED, INTERRUPTED, EventStore
 from inference.events.tracker import Tracker, Transition
 from inference.result import Item
-from tests.conftest import require_tool
+from tests.conftest import require_tool, wait_for
 
 # On the device too: CI runs these again under Python 3.7 on the installed bundle.
 pytestmark = pytest.mark.device
@@ -235,3 +235,110 @@ def test_a_wedged_ffmpeg_is_given_up_not_waited_for(tmp_path: Path, monkeypatch:
     started = time.monotonic()
     clip.close()
     assert time.monotonic() - started < 10 and clip._proc.poll() is not None
+
+
+def test_a_starved_encoder_holds_up_no_writer_and_its_backlog_is_bounded(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The recorder writes through a QueuedClip: an encoder that takes nothing for a while (a
+    busy machine; SIGSTOP here) costs frames beyond the backlog, never a wait or the clip."""
+    import signal
+
+    from inference.events import clip as clip_module
+    from inference.events.clip import QueuedClip
+
+    require_tool("ffmpeg")
+    # were write() to wait for the encoder, the stopped one would fail it within 1 s
+    monkeypatch.setattr(clip_module, "WRITE_SECONDS", 1.0)
+    frames = _jpegs(4, size=(640, 480))
+    inner = FfmpegClip(tmp_path / "4.part.mp4", tmp_path / "4.mp4", 10.0)
+    clip = QueuedClip(inner, "clip-4", max_bytes=20 * len(frames[0]))
+    assert clip._thread.name == "clip-4" and clip._thread.is_alive()
+    inner._proc.send_signal(signal.SIGSTOP)
+    try:
+        for i in range(200):
+            clip.write(frames[i % 4])
+        assert 0 < clip._bytes <= 20 * len(frames[0])
+        assert clip.dropped > 100, clip.dropped
+    finally:
+        inner._proc.send_signal(signal.SIGCONT)
+    # a few more once it runs again: kept, after the backlog
+    monkeypatch.setattr(clip_module, "WRITE_SECONDS", 30.0)
+    assert wait_for(lambda: clip.backlog == 0, 30, "the backlog to drain")
+    for jpeg in frames:
+        clip.write(jpeg)
+    assert clip.close() and not clip._thread.is_alive()
+    info = _ffprobe(tmp_path / "4.mp4")
+    assert int(info["streams"][0]["nb_frames"]) == 200 - clip.dropped + 4 == inner.frames
+
+
+def test_a_failed_encoder_shows_at_the_next_write(tmp_path: Path) -> None:
+    from inference.events.clip import ClipError, QueuedClip
+
+    require_tool("ffmpeg")
+    inner = FfmpegClip(tmp_path / "5.part.mp4", tmp_path / "5.mp4", 10.0)
+    clip = QueuedClip(inner, "clip-5")
+    inner._proc.kill()
+    inner._proc.wait()
+    with pytest.raises(ClipError, match="ffmpeg stopped"):
+        for jpeg in _jpegs(200):
+            clip.write(jpeg)
+            time.sleep(0.01)
+    clip.close()
+    assert not clip._thread.is_alive()
+
+
+def test_the_tracker_sees_every_result_while_the_recorder_is_busy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Results published while the recorder's thread is held up (a slow disk or encoder) still
+    reach the tracker in order: the event starts and ends at the right results, not at the
+    newest one the thread happens to find when it is free again."""
+    import threading
+
+    from inference.events.recorder import Recorder, RecordOptions
+    from inference.pipeline.frames import FrameHub
+    from inference.result import Result
+    from inference.types import ModelInfo
+
+    info = ModelInfo("catdog", "classification", 224, 224, "onnx", {0: "dog", 1: "cat"})
+    hub = FrameHub(80)
+    store = EventStore(tmp_path / "data")
+    recorder = Recorder(RecordOptions([parse_rule("cat:0.5")], res="480p", fps=10.0, pre_roll=0.5,
+                                      post_roll=0.5, debounce=2, cooldown=0.0), hub, store)
+    held, release = threading.Event(), threading.Event()
+    jpeg = recorder._jpeg
+    calls = []
+
+    def slow_jpeg(frame: Any) -> Any:
+        calls.append(frame)
+        if len(calls) == 2:
+            held.set()
+            release.wait(30)
+        return jpeg(frame)
+
+    monkeypatch.setattr(recorder, "_jpeg", slow_jpeg)
+    t0 = time.time() - 60
+    image = np.zeros((240, 320, 3), np.uint8)
+
+    def publish(seq: int, cat: bool) -> None:
+        found = (Item(1, "cat", 0.9),) if cat else (Item(0, "dog", 0.1),)
+        hub.publish(image, Result(seq=seq, timestamp=t0 + seq / 10, model=info, frame_size=(320, 240),
+                                  items=found))
+
+    recorder.start()
+    try:
+        publish(1, False)
+        wait_for(lambda: len(calls) == 1, 10, "the first frame")
+        publish(2, False)
+        assert held.wait(10), "the recorder never took the second frame"
+        for seq in range(3, 9):  # the cat from 0.3 s to 0.8 s, while the thread is held up
+            publish(seq, True)
+        for seq in range(9, 31):
+            publish(seq, False)
+        release.set()
+        closed = wait_for(lambda: [e for e in store.list() if e.state == CLOSED], 30, "the event")
+    finally:
+        release.set()
+        recorder.stop(time.monotonic() + 30)
+    event = closed[0]
+    assert event.label == "cat" and event.end_reason == "gone"
+    assert event.start == pytest.approx(t0 + 0.3) and event.end == pytest.approx(t0 + 1.3)

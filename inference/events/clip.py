@@ -15,6 +15,7 @@ stay).
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import select
@@ -22,7 +23,7 @@ import shutil
 import subprocess
 import threading
 from pathlib import Path
-from typing import IO, List, Optional, Tuple, Union
+from typing import IO, Deque, List, Optional, Tuple, Union
 
 import cv2
 import numpy as np
@@ -31,7 +32,12 @@ log = logging.getLogger(__name__)
 
 FFMPEG_NICE = 10
 CLOSE_SECONDS = 20.0
-WRITE_SECONDS = 5.0  # an ffmpeg that takes no frame for this long is given up (a wedged encoder)
+# An ffmpeg that takes no frame for this long is given up (a wedged encoder). Only the clip's own
+# thread waits that long: an encoder starved of CPU (it runs at a low priority on purpose) may
+# pause for seconds on a busy machine and is not wedged.
+WRITE_SECONDS = 30.0
+BACKLOG_BYTES = 32 * 1024 * 1024  # frames waiting for a slow encoder; beyond this they are dropped
+DRAIN_SECONDS = 30.0  # at its end, how long a clip's backlog may take before the rest is dropped
 
 
 def ffmpeg_path() -> Optional[str]:
@@ -190,10 +196,104 @@ class CvClip:
         return True
 
 
-def open_clip(part: Path, final: Path, fps: float) -> Union[FfmpegClip, CvClip]:
+class QueuedClip:
+    """A clip fed by its own named thread, so the recorder never waits for the encoder.
+
+    The recorder's thread also tracks events, writes snapshots and sends notices: were it to wait
+    on a slow encoder, events would start and end late. Here :meth:`write` only queues; a backlog
+    beyond ``max_bytes`` drops frames (counted), and :meth:`close` lets the encoder finish the
+    backlog for up to DRAIN_SECONDS before the rest is dropped. A failed encoder shows at the
+    next :meth:`write` as ClipError, as it would unqueued."""
+
+    def __init__(self, clip: Union[FfmpegClip, CvClip], name: str,
+                 max_bytes: int = BACKLOG_BYTES) -> None:
+        self.clip = clip
+        self.kind = clip.kind
+        self.dropped = 0
+        self._max = max_bytes
+        self._queue: Deque[bytes] = collections.deque()
+        self._bytes = 0
+        self._cond = threading.Condition()
+        self._closing = False
+        self._error: Optional[str] = None
+        self._ok = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    @property
+    def frames(self) -> int:
+        return self.clip.frames
+
+    @property
+    def backlog(self) -> int:
+        return len(self._queue)
+
+    def write(self, jpeg: bytes) -> None:
+        with self._cond:
+            if self._error is not None:
+                raise ClipError(self._error)
+            if self._closing:
+                return
+            if self._bytes + len(jpeg) > self._max:
+                if not self.dropped:
+                    log.warning("%s: the encoder is %d frames behind; frames are dropped until it "
+                                "catches up", self._thread.name, len(self._queue))
+                self.dropped += 1
+                return
+            self._queue.append(jpeg)
+            self._bytes += len(jpeg)
+            self._cond.notify()
+
+    def close(self) -> bool:
+        """Finish the backlog (within DRAIN_SECONDS), then the clip; True when it is there."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        self._thread.join(DRAIN_SECONDS)
+        if self._thread.is_alive():
+            with self._cond:
+                if self._queue:
+                    log.warning("%s: %d frames were still waiting for the encoder at the end; "
+                                "the clip ends without them", self._thread.name, len(self._queue))
+                self.dropped += len(self._queue)
+                self._queue.clear()
+                self._bytes = 0
+            # bounded: the write in hand (WRITE_SECONDS), then the clip's own close
+            self._thread.join()
+        return self._ok
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue and not self._closing:
+                        self._cond.wait()
+                    if not self._queue:
+                        break  # closing, and nothing left
+                    jpeg = self._queue.popleft()
+                    self._bytes -= len(jpeg)
+                try:
+                    self.clip.write(jpeg)
+                except (ClipError, OSError) as exc:
+                    with self._cond:
+                        self._error = str(exc)
+                        self._queue.clear()
+                        self._bytes = 0
+                    return
+        finally:
+            try:
+                self._ok = self.clip.close()
+            except Exception:
+                log.exception("%s: closing the clip failed", self._thread.name)
+
+
+def open_clip(part: Path, final: Path, fps: float) -> QueuedClip:
+    """A queued clip (thread ``clip-ID``, ID from ``part``'s name): H.264 by ffmpeg when it can,
+    else VP9 by OpenCV."""
+    name = "clip-" + part.name.split(".")[0]
     if ffmpeg_has_h264():
-        return FfmpegClip(part, final, fps)
-    return CvClip(part, final, fps)
+        return QueuedClip(FfmpegClip(part, final, fps), name)
+    return QueuedClip(CvClip(part, final, fps), name)
 
 
 def salvage(part: Path, final: Path) -> bool:
@@ -232,5 +332,5 @@ def _unlink(path: Path) -> None:
         pass
 
 
-__all__: List[str] = ["ClipError", "CvClip", "FfmpegClip", "clip_kind", "ffmpeg_has_h264",
-                      "open_clip", "salvage"]
+__all__: List[str] = ["ClipError", "CvClip", "FfmpegClip", "QueuedClip", "clip_kind",
+                      "ffmpeg_has_h264", "open_clip", "salvage"]

@@ -1,16 +1,20 @@
 """The recorder: a pre-roll of frames always kept, and each event's snapshots and clip written.
 
-A hub listener only wakes the named thread ``recorder`` (a serving thread: off the loop's CPU,
-at a lower priority); the thread takes the newest frame, feeds its result to the
-:class:`~inference.events.tracker.Tracker`, and keeps the frame's JPEG at the display resolution
-(the one viewers of the page share, :meth:`FrameHub.encode`) at ``--record-fps`` in a ring of
-``--pre-roll`` seconds. An event start writes the ring into a new clip and the frames that follow
-until its end; the clip keeps wall-clock time (a frame is repeated when the loop is slower than
-``--record-fps``). The best frame of an event is kept twice: as shown (overlay) and clean.
+A hub listener only keeps each result and wakes the named thread ``recorder`` (a serving
+thread: off the loop's CPU, at a lower priority); the thread feeds every result to the
+:class:`~inference.events.tracker.Tracker`, takes the newest frame and keeps its JPEG at the
+display resolution (the one viewers of the page share, :meth:`FrameHub.encode`) at
+``--record-fps`` in a ring of ``--pre-roll`` seconds. An event start writes the ring into a new
+clip and the frames that follow until its end; the clip keeps wall-clock time (a frame is
+repeated when the loop is slower than ``--record-fps``). The best frame of an event is kept
+twice: as shown (overlay) and clean.
 
-The loop never waits for any of it: a slow disk or encoder makes the recorder skip frames, not
-the model. A full disk (or a store that fails) stops recording with a ``/health`` reason and
-retries now and then; the loop and everything else go on.
+The loop never waits for any of it. A slow disk makes the recorder skip pictures, not results:
+events still start and end at the right ones. Each clip is fed by its own thread
+(:class:`~inference.events.clip.QueuedClip`), so an encoder starved of CPU costs frames of the
+clip, not the recorder's time, but at an event's end (its backlog, bounded). A full disk (or a
+store that fails) stops recording with a ``/health`` reason and retries now and then; the loop
+and everything else go on.
 """
 
 from __future__ import annotations
@@ -23,15 +27,16 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
 
 import cv2
 
-from inference.events.clip import ClipError, CvClip, FfmpegClip, clip_kind, open_clip
+from inference.events.clip import ClipError, QueuedClip, clip_kind, open_clip
 from inference.events.rules import Rule, parse_rule
 from inference.events.store import EventStore, StoreError, default_data_dir
 from inference.events.tracker import Box, Tracker, Transition
 from inference.pipeline.frames import Frame, FrameHub, target_size
+from inference.result import Result
 from inference.settings import Settings
 from inference.workers import Worker
 
@@ -43,6 +48,7 @@ TOUCH_SECONDS = 1.0  # how often an open event's row says it is alive (its end a
 SNAPSHOT_SECONDS = 1.0  # a better frame rewrites the snapshots at most this often
 PRUNE_SECONDS = 600.0
 RETRY_SECONDS = 30.0  # after a fault, the next try
+RESULTS_KEPT = 1024  # results the thread has yet to look at (a minute at 15 fps): small, no pictures
 IDLE_FEED_SECONDS = 1.0  # without frames, time still passes for the tracker (events end)
 NOTICE_UPDATE_SECONDS = 1.0
 
@@ -86,7 +92,7 @@ class _Open:
     """An event being recorded."""
 
     def __init__(self, event_id: int, label: str, start: float,
-                 clip: Optional[Union[FfmpegClip, CvClip]], fps: float) -> None:
+                 clip: Optional[QueuedClip], fps: float) -> None:
         self.id, self.label, self.start, self.clip, self.fps = event_id, label, start, clip, fps
         self.t0: Optional[float] = None
         self.written = 0
@@ -155,9 +161,11 @@ class Recorder(Worker):
         self.fault: Optional[str] = None
         self.events_started = 0
         self.frames_buffered = 0
+        self.clip_frames_dropped = 0  # by an encoder too slow for the clips' frame rate
         self._fault_at = 0.0
         self._wake = threading.Event()
         self._ring: Deque[Tuple[float, bytes]] = collections.deque()
+        self._results: Deque[Tuple[int, Result]] = collections.deque(maxlen=RESULTS_KEPT)
         self._ring_bytes = 0
         self._open: Dict[str, _Open] = {}
         self._last_buffered = float("-inf")
@@ -188,7 +196,13 @@ class Recorder(Worker):
         self.options.jpeg_quality = settings.jpeg_quality
 
     def _on_publish(self, seq: int) -> None:
-        self._wake.set()  # on the loop's thread: only a wake-up
+        # On the loop's thread: a wake-up, and the result kept (not its picture) so the tracker
+        # sees every one even while this thread is busy with a slow disk or encoder; otherwise
+        # a debounce would count results seconds apart as consecutive, and an end come late.
+        frame = self.hub.latest()
+        if frame is not None and frame.seq == seq:
+            self._results.append((seq, frame.result))
+        self._wake.set()
 
     def run(self) -> None:
         last_seq = 0
@@ -202,7 +216,11 @@ class Recorder(Worker):
                 self._wake.clear()
                 frame = self.hub.latest()
                 now = time.time()
+                missed = self._take_results()
                 if frame is not None and frame.seq != last_seq:
+                    for seq, result in missed:
+                        if last_seq < seq < frame.seq:
+                            self._track(result, frame)
                     last_seq = frame.seq
                     last_fed = now
                     self._process(frame)
@@ -220,6 +238,20 @@ class Recorder(Worker):
             self._handle(self.tracker.end_all(time.time()), None)
 
     # -- per frame -------------------------------------------------------------------------------
+    def _take_results(self) -> List[Tuple[int, Result]]:
+        taken = []
+        while self._results:
+            taken.append(self._results.popleft())
+        return taken
+
+    def _track(self, result: Result, newest: Frame) -> None:
+        """A result whose frame was gone by the time this thread looked: the tracker sees it,
+        an event it starts takes its snapshot from the newest frame, and its clip repeats the
+        picture before (the clip keeps time, not every picture)."""
+        transitions = self.tracker.feed(result.timestamp, () if result.error else result.items)
+        self._handle([t for t in transitions if t.kind == "end"], None)
+        self._handle([t for t in transitions if t.kind == "start"], newest)
+
     def _process(self, frame: Frame) -> None:
         result = frame.result
         at = result.timestamp
@@ -292,7 +324,7 @@ class Recorder(Worker):
         kind = clip_kind()
         model = frame.result.model.name if frame is not None and frame.result.model else ""
         event_id = self.store.create(t.label, t.at, t.prob, t.box, model, source, kind)
-        clip: Optional[Union[FfmpegClip, CvClip]] = None
+        clip: Optional[QueuedClip] = None
         try:
             clip = open_clip(self.store.clip_part(event_id), self.store.clip_path(event_id),
                              self.options.fps)
@@ -341,8 +373,11 @@ class Recorder(Worker):
 
     def _close_clip(self, event: _Open) -> None:
         clip, event.clip = event.clip, None
-        if clip is not None and not clip.close():
+        if clip is None:
+            return
+        if not clip.close():
             log.warning("event %d has no playable clip", event.id)
+        self.clip_frames_dropped += clip.dropped
 
     # -- snapshots -------------------------------------------------------------------------------
     def _best(self, event: _Open, prob: float, at: float, box: Box, frame: Frame,
@@ -438,6 +473,7 @@ class Recorder(Worker):
         return {"rules": [str(r) for r in self.options.rules], "in_progress": active,
                 "started": self.events_started, "clip_kind": clip_kind(),
                 "pre_roll_frames": len(self._ring), "pre_roll_bytes": self._ring_bytes,
+                "clip_frames_dropped": self.clip_frames_dropped,
                 "fault": self.fault}
 
 
