@@ -107,10 +107,14 @@ def open_streams(url: str, paths: list[str]) -> tuple[list[threading.Thread], li
     sse_seqs: list[int] = []
 
     def watch(path: str) -> None:
-        with httpx.Client(base_url=url, timeout=10) as client, client.stream("GET", path) as r:
-            for line in r.iter_lines():
-                if line.startswith("id: "):
-                    sse_seqs.append(int(line[4:]))
+        try:
+            with httpx.Client(base_url=url, timeout=10) as client, client.stream("GET", path) as r:
+                for line in r.iter_lines():
+                    if line.startswith("id: "):
+                        sse_seqs.append(int(line[4:]))
+        except httpx.HTTPError as exc:  # cut off (evicted, killed): told apart from a clean end
+            ended.append(f"{path} cut off at {time.monotonic():.1f}: {exc!r}")
+            return
         ended.append(path)
 
     watchers = [threading.Thread(target=watch, args=(p,), name=f"watch-{i}", daemon=True)
@@ -226,7 +230,8 @@ def test_signal_with_streams_fifo_and_mqtt_exits_in_2_s_having_published_the_las
                 waiting.update({
                     "viewers": len(stats["viewers"]), "event_subscribers": stats["event_subscribers"],
                     "fifo": stats["outputs"]["fifo"], "iot": stats["outputs"]["iot"],
-                    "received": len(seqs_of(sub.on(topic))), "stream_ended": list(ended)})
+                    "received": len(seqs_of(sub.on(topic))), "stream_ended": list(ended),
+                    "at": round(time.monotonic(), 1)})
                 return waiting["viewers"] == 2 and waiting["event_subscribers"] == 1 and \
                     waiting["fifo"]["frames_written"] > 0 and waiting["iot"]["connected"] and \
                     waiting["received"] > 3
