@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 FFMPEG_NICE = 10
 CLOSE_SECONDS = 20.0
+REMUX_SECONDS = 120.0
 # An ffmpeg that takes no frame for this long is given up (a wedged encoder). Only the clip's own
 # thread waits that long: an encoder starved of CPU (it runs at a low priority on purpose) may
 # pause for seconds on a busy machine and is not wedged.
@@ -258,8 +259,11 @@ class QueuedClip:
                 self.dropped += len(self._queue)
                 self._queue.clear()
                 self._bytes = 0
-            # bounded: the write in hand (WRITE_SECONDS), then the clip's own close
-            self._thread.join()
+            # the write in hand, then the clip's own close and remux: each has its own bound
+            self._thread.join(WRITE_SECONDS + CLOSE_SECONDS + REMUX_SECONDS)
+            if self._thread.is_alive():
+                log.error("%s: the clip did not finish", self._thread.name)
+                return False
         return self._ok
 
     def _run(self) -> None:
@@ -308,7 +312,7 @@ def salvage(part: Path, final: Path) -> bool:
             done = subprocess.run(
                 ["nice", "-n", str(FFMPEG_NICE), path, "-hide_banner", "-loglevel", "error", "-y",
                  "-i", str(part), "-c", "copy", "-movflags", "+faststart", "-f", "mp4", str(tmp)],
-                stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+                stdin=subprocess.DEVNULL, capture_output=True, timeout=REMUX_SECONDS)
             if done.returncode == 0 and tmp.exists() and tmp.stat().st_size > 0:
                 os.replace(str(tmp), str(final))
                 _unlink(part)

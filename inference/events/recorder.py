@@ -12,9 +12,9 @@ twice: as shown (overlay) and clean.
 The loop never waits for any of it. A slow disk makes the recorder skip pictures, not results:
 events still start and end at the right ones. Each clip is fed by its own thread
 (:class:`~inference.events.clip.QueuedClip`), so an encoder starved of CPU costs frames of the
-clip, not the recorder's time, but at an event's end (its backlog, bounded). A full disk (or a
-store that fails) stops recording with a ``/health`` reason and retries now and then; the loop
-and everything else go on.
+clip, not the recorder's time, except at an event's end while it finishes its (bounded) backlog.
+A full disk (or a store that fails) stops recording with a ``/health`` reason and retries now
+and then; the loop and everything else go on.
 """
 
 from __future__ import annotations
