@@ -310,10 +310,11 @@ def test_the_page_names_the_file_each_result_came_from(browser: Any, tmp_path: A
             seen = set()
             for _ in range(150):  # the slideshow moves on every 0.5 s: both names show in turn
                 page.wait_for_timeout(100)
-                text = page.inner_text("#source-name")
+                # one read of both: the slideshow may move on between two
+                text, title = page.eval_on_selector("#source-name", "e => [e.innerText, e.title]")
                 if text:
                     seen.add(text)
-                    assert page.get_attribute("#source-name", "title") == str(tmp_path / text)
+                    assert title == str(tmp_path / text)
                 if len(seen) == 2:
                     break
             assert seen == {"first.png", "second.png"}
