@@ -212,10 +212,12 @@ def test_signal_with_streams_fifo_and_mqtt_exits_in_2_s_having_published_the_las
     watchers: list[threading.Thread] = []
     try:
         def up() -> bool:
+            # Up is answering: the FIFO is made before the server listens.
+            assert proc.poll() is None, f"the dashboard exited: {''.join(err)}"
             try:
                 return httpx.get(f"{url}/health", timeout=2).status_code == 200
             except httpx.HTTPError:
-                return proc.poll() is None
+                return False
         wait_until(lambda: up() and fifo.exists(), "the dashboard", timeout=90)
         reader = FifoReader(fifo)
         reader.start()
