@@ -27,7 +27,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Deque, Dict, List, Optional, Tuple
+from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 import cv2
 
@@ -36,7 +36,7 @@ from inference.events.rules import Rule, parse_rule
 from inference.events.store import EventStore, StoreError, default_data_dir
 from inference.events.tracker import Box, Tracker, Transition
 from inference.pipeline.frames import Frame, FrameHub, target_size
-from inference.result import Result
+from inference.result import Item
 from inference.settings import Settings
 from inference.workers import Worker
 
@@ -53,6 +53,7 @@ IDLE_FEED_SECONDS = 1.0  # without frames, time still passes for the tracker (ev
 NOTICE_UPDATE_SECONDS = 1.0
 
 Listener = Callable[[str, Dict[str, Any]], None]
+_Seen = Tuple[int, float, Sequence[Item]]  # a result as the tracker needs it: seq, time, items
 
 
 @dataclass
@@ -165,7 +166,7 @@ class Recorder(Worker):
         self._fault_at = 0.0
         self._wake = threading.Event()
         self._ring: Deque[Tuple[float, bytes]] = collections.deque()
-        self._results: Deque[Tuple[int, Result]] = collections.deque(maxlen=RESULTS_KEPT)
+        self._results: Deque[_Seen] = collections.deque(maxlen=RESULTS_KEPT)
         self._ring_bytes = 0
         self._open: Dict[str, _Open] = {}
         self._last_buffered = float("-inf")
@@ -201,7 +202,8 @@ class Recorder(Worker):
         # a debounce would count results seconds apart as consecutive, and an end come late.
         frame = self.hub.latest()
         if frame is not None and frame.seq == seq:
-            self._results.append((seq, frame.result))
+            result = frame.result  # only what the tracker reads: a segmentation map is megabytes
+            self._results.append((seq, result.timestamp, () if result.error else result.items))
         self._wake.set()
 
     def run(self) -> None:
@@ -218,9 +220,9 @@ class Recorder(Worker):
                 now = time.time()
                 missed = self._take_results()
                 if frame is not None and frame.seq != last_seq:
-                    for seq, result in missed:
+                    for seq, at, items in missed:
                         if last_seq < seq < frame.seq:
-                            self._track(result, frame)
+                            self._track(at, items, frame)
                     last_seq = frame.seq
                     last_fed = now
                     self._process(frame)
@@ -238,17 +240,17 @@ class Recorder(Worker):
             self._handle(self.tracker.end_all(time.time()), None)
 
     # -- per frame -------------------------------------------------------------------------------
-    def _take_results(self) -> List[Tuple[int, Result]]:
+    def _take_results(self) -> List[_Seen]:
         taken = []
         while self._results:
             taken.append(self._results.popleft())
         return taken
 
-    def _track(self, result: Result, newest: Frame) -> None:
+    def _track(self, at: float, items: Sequence[Item], newest: Frame) -> None:
         """A result whose frame was gone by the time this thread looked: the tracker sees it,
         an event it starts takes its snapshot from the newest frame, and its clip repeats the
         picture before (the clip keeps time, not every picture)."""
-        transitions = self.tracker.feed(result.timestamp, () if result.error else result.items)
+        transitions = self.tracker.feed(at, items)
         self._handle([t for t in transitions if t.kind == "end"], None)
         self._handle([t for t in transitions if t.kind == "start"], newest)
 
